@@ -1,0 +1,1 @@
+"""Launching runs: sbatch rendering and submission, torchrun wrappers, preemption and requeue."""

@@ -1,0 +1,223 @@
+"""DeepSeekMoE with auxiliary-loss-free balancing (RECIPE.md 1.4 and 2; report eqs 12-20).
+
+One MoE layer: a router picks top-k routed experts per token, a dispatcher groups the tokens by
+expert, the experts run as one grouped computation, the dispatcher puts the results back in token
+order, and they are summed with the router's gates plus the shared experts' output.
+
+The dispatcher is injected: ``LocalDispatcher`` here, an all-to-all one over the expert-parallel
+group from ``dsv3.parallel``. Nothing in this file knows about process groups.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .mlp import MLP
+
+
+class Router(nn.Module):
+    """Scores experts in fp32, selects with a bias-corrected score, gates with the raw score."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        # Per-expert fp32 bias that enters only expert selection; moved by update_expert_bias, no gradient.
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts) if cfg.expert_bias else None)
+        # Tokens routed to each expert since the last bias update (all micro-batches of a step).
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (tokens, dim) -> gates (tokens, k) fp32, expert indices (tokens, k), scores (tokens, E) fp32."""
+        cfg = self.cfg
+        logits = F.linear(x, self.weight).float()  # a BF16 GEMM under autocast, read out in fp32
+        scores = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(dim=-1)
+        selection = scores if self.expert_bias is None else scores + self.expert_bias
+        if cfg.n_expert_groups > 1:
+            selection = self._limit_groups(selection)
+        indices = selection.topk(cfg.n_activated_experts, dim=-1).indices
+        gates = scores.gather(1, indices)  # raw affinities: the bias never reaches the gate values
+        if cfg.score_func == "sigmoid":
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return gates * cfg.route_scale, indices, scores
+
+    def _limit_groups(self, selection: torch.Tensor) -> torch.Tensor:
+        """Keep the n_limited_groups best expert groups (nodes) per token; mask the rest to -inf."""
+        cfg = self.cfg
+        grouped = selection.view(selection.shape[0], cfg.n_expert_groups, -1)
+        if cfg.score_func == "sigmoid":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # sum of each group's top-2
+        else:
+            group_scores = grouped.amax(dim=-1)
+        kept = group_scores.topk(cfg.n_limited_groups, dim=-1).indices
+        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
+        return grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+
+    @torch.no_grad()
+    def record_load(self, indices: torch.Tensor) -> None:
+        self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        nn.init.normal_(self.weight, 0.0, self.cfg.init_std, generator=generator)
+        if self.expert_bias is not None:
+            self.expert_bias.zero_()
+        self.tokens_per_expert.zero_()
+
+
+@torch.no_grad()
+def update_expert_bias(routers: list[Router], gamma: float,
+                       all_reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """End-of-step bias update, b_i += gamma * sign(mean_load - load_i), for every MoE layer.
+
+    Loads are the tokens counted since the last call (every micro-batch of the optimizer step).
+    ``all_reduce`` sums them in place over every rank that routes tokens, so each rank applies the
+    same update and biases stay identical. Returns each layer's max violation,
+    (max_i load_i - mean load) / mean load, and resets the counts.
+    """
+    if not routers:
+        return torch.zeros(0)
+    loads = torch.stack([router.tokens_per_expert for router in routers])
+    if all_reduce is not None:
+        all_reduce(loads)
+    mean = loads.mean(dim=-1, keepdim=True)
+    for router, load, layer_mean in zip(routers, loads, mean):
+        if router.expert_bias is not None and gamma > 0:
+            router.expert_bias += gamma * torch.sign(layer_mean - load)
+        router.tokens_per_expert.zero_()
+    return ((loads.amax(dim=-1, keepdim=True) - mean) / mean.clamp_min(1.0)).squeeze(-1)
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Complementary sequence-wise balance loss (report eqs 17-20), averaged over sequences.
+
+    scores: (batch, seq, E) raw affinities; indices: (batch, seq, k) selected experts.
+    f_i counts the experts actually selected (with the bias), as common implementations do.
+    """
+    batch, seq, n_experts = scores.shape
+    k = indices.shape[-1]
+    selected = torch.zeros(batch, n_experts, device=scores.device, dtype=scores.dtype)
+    selected.scatter_add_(1, indices.reshape(batch, seq * k), torch.ones_like(indices.reshape(batch, -1), dtype=scores.dtype))
+    f = selected * (n_experts / (k * seq))
+    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return alpha * (f * p).sum(dim=-1).mean()
+
+
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """torch._grouped_mm has a fused kernel on Hopper-class GPUs (compute capability 9.0+)."""
+    return (x.is_cuda and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+class RoutedExperts(nn.Module):
+    """The routed experts' SwiGLU weights as stacked tensors, in ``x @ W`` layout (expert, in, out).
+
+    Holds experts [first_expert, first_expert + n_experts) of the layer: all of them on one
+    process, a shard of them under expert parallelism.
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, init_std: float, first_expert: int = 0):
+        super().__init__()
+        self.first_expert = first_expert
+        self.init_std = init_std
+        self.w1 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: (tokens, dim) sorted by expert; counts: (n_experts,) tokens per expert."""
+        if grouped_mm_supported(x):
+            return self._grouped(x, counts)
+        return self._looped(x, counts)
+
+    def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(x) if x.is_cuda else x.dtype
+        offsets = counts.cumsum(0).to(torch.int32)
+        x = x.to(dtype)
+        w1, w2, w3 = self.w1.to(dtype), self.w2.to(dtype), self.w3.to(dtype)
+        h = F.silu(torch._grouped_mm(x, w1, offs=offsets)) * torch._grouped_mm(x, w3, offs=offsets)
+        return torch._grouped_mm(h, w2, offs=offsets)
+
+    def _looped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        outputs = []
+        for e, tokens in enumerate(x.split(counts.tolist())):
+            tokens = tokens.to(dtype)
+            h = F.silu(tokens @ self.w1[e].to(dtype)) * (tokens @ self.w3[e].to(dtype))
+            outputs.append(h @ self.w2[e].to(dtype))
+        return torch.cat(outputs)
+
+    def reset_parameters(self, seed: int) -> None:
+        """Each expert draws from its own stream, keyed by its global index, so any sharding of
+        the experts over ranks initialises exactly what one process would."""
+        for local, weights in enumerate(zip(self.w1, self.w2, self.w3)):
+            generator = torch.Generator(device=self.w1.device)
+            generator.manual_seed((seed * 1_000_003 + self.first_expert + local) % 2**63)
+            for w in weights:
+                nn.init.normal_(w, 0.0, self.init_std, generator=generator)
+
+
+@dataclass
+class Dispatched:
+    tokens: torch.Tensor  # (rows, dim): token copies, grouped by local expert
+    counts: torch.Tensor  # (local experts,): rows per expert
+    restore: torch.Tensor  # permutation that puts expert outputs back in (token, k) order
+
+
+class LocalDispatcher:
+    """Single-process dispatch: sort token copies by expert, and un-sort the outputs."""
+
+    def __init__(self, n_experts: int):
+        self.n_experts = n_experts
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor) -> Dispatched:
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)
+        restore = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        return Dispatched(x[order // indices.shape[1]], counts, restore)
+
+    def combine(self, y: torch.Tensor, dispatched: Dispatched, k: int) -> torch.Tensor:
+        """(rows, dim) expert outputs -> (tokens, k, dim) in the router's order."""
+        return y[dispatched.restore].unflatten(0, (-1, k))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.init_std)
+        self.shared_experts = (MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim)
+                               if cfg.n_shared_experts > 0 else None)
+        self.dispatcher = LocalDispatcher(cfg.n_routed_experts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (batch, seq, dim) -> output (batch, seq, dim) and this layer's sequence balance loss."""
+        batch, seq, dim = x.shape
+        k = self.cfg.n_activated_experts
+        flat = x.reshape(-1, dim)
+        gates, indices, scores = self.router(flat)
+        if self.training:
+            self.router.record_load(indices)
+        balance_loss = x.new_zeros((), dtype=torch.float32)
+        if self.cfg.seq_aux_alpha > 0:
+            balance_loss = sequence_balance_loss(scores.view(batch, seq, -1), indices.view(batch, seq, k),
+                                                 self.cfg.seq_aux_alpha)
+
+        dispatched = self.dispatcher.dispatch(flat, indices)
+        expert_out = self.experts(dispatched.tokens, dispatched.counts)
+        routed = self.dispatcher.combine(expert_out, dispatched, k)
+        out = (routed * gates.unsqueeze(-1).to(routed.dtype)).sum(dim=1)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)  # shared output is added unweighted
+        return out.view(batch, seq, dim), balance_loss

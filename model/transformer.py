@@ -1,0 +1,148 @@
+"""The DeepSeek-V3 Transformer: pre-norm blocks of MLA + (dense FFN | DeepSeekMoE), a final norm,
+an untied output head, and D sequential multi-token-prediction modules (RECIPE.md 1.2 and 3)."""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import MLA
+from .config import ModelConfig
+from .mlp import MLP
+from .moe import MoE, RoutedExperts, Router
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    """h = x + MLA(norm(x)); out = h + FFN(norm(h)). Returns the MoE balance loss (0 if dense)."""
+
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, moe: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = MLA(cfg, rope)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MoE(cfg) if moe else MLP(cfg.dim, cfg.inter_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x + self.attn(self.attn_norm(x))
+        if isinstance(self.ffn, MoE):
+            ffn_out, balance_loss = self.ffn(self.ffn_norm(h))
+        else:
+            ffn_out, balance_loss = self.ffn(self.ffn_norm(h)), h.new_zeros((), dtype=torch.float32)
+        return h + ffn_out, balance_loss
+
+
+class MTPModule(nn.Module):
+    """Depth-k prediction: h'_i = M_k [enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)], then one block.
+
+    The embedding comes first in the concatenation, as DeepSeek-V3's released weights expect.
+    The shared embedding and output head belong to the Transformer, not to this module.
+    """
+
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.block = Block(cfg, rope, moe=True)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # in front of the shared head
+
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        return self.block(h)
+
+
+@dataclass
+class ModelOutput:
+    main_loss: torch.Tensor  # next-token cross-entropy
+    mtp_losses: list[torch.Tensor]  # cross-entropy of depth k = 1..D
+    balance_loss: torch.Tensor  # sequence-wise balance loss, summed over MoE layers (MTP's included)
+
+    @property
+    def mtp_loss(self) -> torch.Tensor:
+        """(1/D) sum_k L_MTP^k; the trainer multiplies it by lambda."""
+        if not self.mtp_losses:
+            return self.main_loss.new_zeros(())
+        return torch.stack(self.mtp_losses).mean()
+
+    def total(self, mtp_weight: float) -> torch.Tensor:
+        return self.main_loss + mtp_weight * self.mtp_loss + self.balance_loss
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.rope = RotaryEmbedding(cfg)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(
+            Block(cfg, self.rope, moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(cfg, self.rope) for _ in range(cfg.mtp_depth))
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
+        """tokens: (batch, seq). Without targets, returns next-token logits (batch, seq, vocab).
+
+        With targets (batch, seq), where targets[:, i] = t_{i+1}, returns a ModelOutput. MTP
+        depth k at position i sees Emb(t_{i+k}) and predicts t_{i+k+1} = targets[:, i+k], so it
+        covers positions 0 .. seq-1-k.
+        """
+        h = self.embed(tokens)
+        balance_loss = h.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            h, layer_loss = layer(h)
+            balance_loss = balance_loss + layer_loss
+        logits = self.head(self.norm(h))
+        if targets is None:
+            return logits
+        main_loss = cross_entropy(logits, targets)
+
+        mtp_losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            h, layer_loss = module(h[:, :-1], self.embed(tokens[:, k:]))  # h^{k-1} holds seq-k+1 positions
+            balance_loss = balance_loss + layer_loss
+            mtp_losses.append(cross_entropy(self.head(module.norm(h)), targets[:, k:]))
+        return ModelOutput(main_loss, mtp_losses, balance_loss)
+
+    def routers(self) -> list[Router]:
+        """Every MoE router, main layers then MTP, in a fixed order (the bias update relies on it)."""
+        return [m for m in self.modules() if isinstance(m, Router)]
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """N(0, init_std) for every matrix, ones for norm gains, zero router biases.
+
+        Every tensor draws from a stream keyed by the seed and its name, and every routed expert
+        by its global index, so how the model is cut (pipeline stages, expert shards) and the
+        order of initialisation do not change a single value.
+        """
+        self.rope.reset_parameters(self.rope.cos.device)
+        for name, module in self.named_modules():
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()
+            elif isinstance(module, RoutedExperts):
+                module.reset_parameters(seed=_stream(seed, name))
+            elif isinstance(module, Router):
+                module.reset_parameters(_generator(seed, name, module.weight.device))
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, self.cfg.init_std,
+                                generator=_generator(seed, name, module.weight.device))
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def _stream(seed: int, name: str) -> int:
+    return (seed * 2654435761 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(_stream(seed, name))
+    return generator

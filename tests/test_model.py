@@ -1,0 +1,152 @@
+"""The Transformer: MLA against a naive reference, causality, MTP offsets, init, and overfitting."""
+import torch
+import torch.nn.functional as F
+
+from dsv3.model import ModelConfig
+from dsv3.model.rope import rope_frequencies
+from dsv3.model.transformer import cross_entropy
+
+from conftest import build
+
+
+def naive_mla(attn, x):
+    """MLA written out per head in float64 with an explicit mask, complex RoPE and softmax."""
+    cfg = attn.cfg
+    b, s, _ = x.shape
+    h, nope, rdim = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    w = {name: p.double() for name, p in attn.named_parameters()}
+    x = x.double()
+
+    def rms(v, gain):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * gain
+
+    def rope(v):  # v: (b, s, heads, rdim); adjacent channel pairs as complex numbers
+        angles = torch.outer(torch.arange(s, dtype=torch.float64), rope_frequencies(cfg).double())
+        rot = torch.polar(torch.ones_like(angles), angles).view(1, s, 1, -1)
+        return torch.view_as_real(torch.view_as_complex(v.reshape(b, s, -1, rdim // 2, 2).contiguous()) * rot).flatten(-2)
+
+    c_q = rms(x @ w["w_dq.weight"].T, w["q_norm.weight"])
+    q = (c_q @ w["w_uq.weight"].T).view(b, s, h, nope + rdim)
+    kv_all = x @ w["w_dkv.weight"].T
+    c_kv, k_rope = kv_all[..., :cfg.kv_lora_rank], kv_all[..., cfg.kv_lora_rank:]
+    kv = (rms(c_kv, w["kv_norm.weight"]) @ w["w_ukv.weight"].T).view(b, s, h, nope + cfg.v_head_dim)
+    q = torch.cat([q[..., :nope], rope(q[..., nope:])], -1)
+    k = torch.cat([kv[..., :nope], rope(k_rope.unsqueeze(2)).expand(b, s, h, rdim)], -1)
+    v = kv[..., nope:]
+    logits = torch.einsum("bihd,bjhd->bhij", q, k) * cfg.softmax_scale
+    logits = logits.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    out = torch.einsum("bhij,bjhd->bihd", logits.softmax(-1), v).reshape(b, s, h * cfg.v_head_dim)
+    return out @ w["w_o.weight"].T
+
+
+def test_mla_equals_naive_reference(tiny_cfg):
+    model = build(tiny_cfg)
+    attn = model.layers[0].attn
+    x = torch.randn(2, 12, tiny_cfg.dim)
+    torch.testing.assert_close(attn(x).double(), naive_mla(attn, x), rtol=1e-4, atol=1e-6)
+
+
+def test_mla_without_q_lora(tiny_cfg):
+    cfg = ModelConfig(**{**vars(tiny_cfg), "q_lora_rank": 0})
+    model = build(cfg)
+    attn = model.layers[0].attn
+    assert not hasattr(attn, "w_dq") and attn.w_q.weight.shape == (cfg.n_heads * cfg.qk_head_dim, cfg.dim)
+    out = attn(torch.randn(1, 5, cfg.dim))
+    assert out.shape == (1, 5, cfg.dim) and torch.isfinite(out).all()
+
+
+def test_next_token_logits_are_causal(tiny_cfg):
+    model = build(tiny_cfg).eval()
+    tokens = torch.randint(tiny_cfg.vocab_size, (1, 20))
+    changed = tokens.clone()
+    changed[0, 12] = (tokens[0, 12] + 1) % tiny_cfg.vocab_size
+    a, b = model(tokens), model(changed)
+    # Equal up to rounding: grouping tokens by expert changes GEMM shapes, hence summation order.
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-6)
+    assert (a[:, 12] - b[:, 12]).abs().max() > 1e-3
+
+
+def test_mtp_depth_k_predicts_token_i_plus_k_plus_1_without_leaking_it(tiny_cfg):
+    """Depth k at position i may see t_0..t_{i+k} and must score t_{i+k+1} = targets[:, i+k]."""
+    model = build(tiny_cfg).eval()
+    seq = 16
+    tokens = torch.randint(tiny_cfg.vocab_size, (1, seq + 1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def mtp_logits(inp):
+        h = model.embed(inp)
+        for layer in model.layers:
+            h, _ = layer(h)
+        logits = []
+        for k, module in enumerate(model.mtp, start=1):
+            h, _ = module(h[:, :-1], model.embed(inp[:, k:]))
+            logits.append(model.head(module.norm(h)))
+        return logits
+
+    logits = mtp_logits(inputs)
+    out = model(inputs, targets)
+    for k, depth_logits in enumerate(logits, start=1):
+        assert depth_logits.shape[1] == seq - k
+        expected = F.cross_entropy(depth_logits[0], tokens[0, k + 1:])  # t_{i+k+1} for i = 0..seq-1-k
+        torch.testing.assert_close(out.mtp_losses[k - 1], expected)
+        # Changing t_j moves no depth-k logit at positions i < j - k: t_{i+k+1} is never an input.
+        j = 10
+        changed = inputs.clone()
+        changed[0, j] = (inputs[0, j] + 1) % tiny_cfg.vocab_size
+        moved = mtp_logits(changed)[k - 1]
+        torch.testing.assert_close(moved[:, :j - k], depth_logits[:, :j - k], rtol=0, atol=1e-6)
+        assert (moved[:, j - k] - depth_logits[:, j - k]).abs().max() > 1e-3
+
+
+def test_total_loss_combines_main_mtp_and_balance(tiny_cfg):
+    model = build(tiny_cfg)
+    tokens = torch.randint(tiny_cfg.vocab_size, (2, 17))
+    out = model(tokens[:, :-1], tokens[:, 1:])
+    assert len(out.mtp_losses) == tiny_cfg.mtp_depth
+    torch.testing.assert_close(out.main_loss, cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]))
+    expected = out.main_loss + 0.3 * sum(out.mtp_losses) / tiny_cfg.mtp_depth + out.balance_loss
+    torch.testing.assert_close(out.total(0.3), expected)
+    n_moe = tiny_cfg.n_moe_layers + tiny_cfg.mtp_depth
+    assert 0 < out.balance_loss.item() < 2 * n_moe * tiny_cfg.seq_aux_alpha * tiny_cfg.n_routed_experts
+
+
+def test_init_follows_the_recipe_and_is_reproducible(tiny_cfg):
+    cfg = ModelConfig(**{**vars(tiny_cfg), "init_std": 0.006, "dim": 64, "vocab_size": 512})
+    model = build(cfg, seed=3)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            assert torch.equal(p, torch.ones_like(p)), name  # norm gains
+        elif p.numel() >= 4096:
+            assert abs(p.std().item() - 0.006) < 0.0006, name
+    assert all(torch.equal(r.expert_bias, torch.zeros_like(r.expert_bias)) for r in model.routers())
+    again, other = build(cfg, seed=3), build(cfg, seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert not torch.equal(model.embed.weight, other.embed.weight)
+    assert "layers.1.ffn.router.expert_bias" in model.state_dict()  # biases are checkpointed
+
+
+def test_tiny_model_overfits_a_repeated_batch(tiny_cfg):
+    torch.manual_seed(0)
+    model = build(tiny_cfg)
+    tokens = torch.randint(tiny_cfg.vocab_size, (4, 33))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(80):
+        out = model(tokens[:, :-1], tokens[:, 1:])
+        loss = out.total(0.3)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.main_loss.item())
+    assert losses[0] > 4.0  # about ln(97)
+    assert losses[-1] < 0.1 * losses[0]
+
+
+def test_bf16_autocast_forward_and_backward(tiny_cfg):
+    model = build(tiny_cfg)
+    tokens = torch.randint(tiny_cfg.vocab_size, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens[:, :-1], tokens[:, 1:])
+    out.total(0.3).backward()
+    assert torch.isfinite(out.total(0.3))
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
