@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
 
 from dsv3.data.config import DataConfig
 from dsv3.model.config import ModelConfig
@@ -56,7 +57,7 @@ def register() -> None:
     ConfigStore.instance().store(name="dsv3_schema", node=Config)
 
 
-def compose(overrides: list[str]) -> "omegaconf.DictConfig":  # noqa: F821
+def compose(overrides: list[str]) -> DictConfig:
     """The recipe with command-line style overrides, composed as the trainer would, without
     starting a run (for tools such as ``dsv3.model.summary``)."""
     from hydra import compose as hydra_compose, initialize_config_dir
