@@ -2,32 +2,52 @@
 
 Every token has `branching` equally likely successors drawn once from the seed, so a model that
 learns the chain reaches a loss of ln(branching) nats, far below the ln(vocab) of random tokens.
-Batches are a pure function of (seed, step, micro-batch): a resumed run sees the same data.
+It has the interface of TokenLoader: sample i of the global order is a pure function of
+(seed, i), ranks take contiguous slices of each global batch, and the state is one number.
 """
 import math
 
 import torch
 
 
-class MarkovTokens:
-    def __init__(self, vocab_size: int, branching: int, seed: int):
+class SyntheticLoader:
+    def __init__(self, vocab_size: int, branching: int, seq_len: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
         generator = torch.Generator().manual_seed(seed)
-        self.vocab_size = vocab_size
         self.successors = torch.randint(vocab_size, (vocab_size, branching), generator=generator)
+        self.vocab_size = vocab_size
+        self.seq_len = seq_len
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.samples_seen = 0
 
     @property
     def entropy(self) -> float:
         """The chain's entropy per token in nats: the loss floor a perfect model reaches."""
         return math.log(self.successors.shape[1])
 
-    def batch(self, batch_size: int, seq_len: int, step: int, micro_batch: int = 0) -> torch.Tensor:
-        """(batch_size, seq_len + 1) token ids: inputs are [:, :-1], targets [:, 1:]."""
-        stream = (self.seed * 1_000_003 + step) * 1_000_003 + micro_batch
-        generator = torch.Generator().manual_seed(stream % 2**63)
-        tokens = torch.empty(batch_size, seq_len + 1, dtype=torch.long)
-        tokens[:, 0] = torch.randint(self.vocab_size, (batch_size,), generator=generator)
-        choices = torch.randint(self.successors.shape[1], (batch_size, seq_len), generator=generator)
-        for i in range(seq_len):
-            tokens[:, i + 1] = self.successors[tokens[:, i], choices[:, i]]
-        return tokens
+    def sample(self, index: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + index) % 2**63)
+        first = torch.randint(self.vocab_size, (1,), generator=generator)
+        choices = torch.randint(self.successors.shape[1], (self.seq_len,), generator=generator)
+        tokens = [first]
+        for choice in choices:
+            tokens.append(self.successors[tokens[-1], choice])
+        return torch.cat(tokens)
+
+    def next_batch(self, global_batch_size: int) -> torch.Tensor:
+        """This rank's (global_batch_size / world_size, seq_len + 1) token ids of the next step."""
+        if global_batch_size % self.world_size:
+            raise ValueError(f"The global batch of {global_batch_size} sequences does not split evenly over "
+                             f"{self.world_size} data-parallel ranks.")
+        local = global_batch_size // self.world_size
+        first = self.samples_seen + self.rank * local
+        self.samples_seen += global_batch_size
+        return torch.stack([self.sample(i) for i in range(first, first + local)])
+
+    def state_dict(self) -> dict:
+        return {"samples_seen": self.samples_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.samples_seen = int(state["samples_seen"])

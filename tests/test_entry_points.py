@@ -46,12 +46,15 @@ def test_bad_overrides_fail_at_start_with_one_clear_message(override, message, t
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_train_entry_point_writes_metrics(tmp_path):
+def test_train_entry_point_prepares_the_corpus_and_writes_metrics(tmp_path):
+    """The default recipe end to end on a slice of the embedded corpus."""
     run_dir = tmp_path / "run"
-    result = run("-m", "dsv3.train", "train.steps=3", f"train.run_dir={run_dir}", cwd=tmp_path)
+    result = run("-m", "dsv3.train", "train.steps=3", f"train.run_dir={run_dir}", "data.max_documents=100",
+                 cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     for key in ("loss", "main_loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "tokens_per_s", "max_violation"):
         assert all(isinstance(r[key], float) for r in records), key
     assert (run_dir / ".hydra" / "config.yaml").exists()  # the resolved recipe, kept with the run
+    assert len(list((tmp_path / "data_cache").glob("stdlib-*/meta.json"))) == 1

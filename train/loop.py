@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 
-from dsv3.data.synthetic import MarkovTokens
+from dsv3.data.config import DataConfig
+from dsv3.data.loader import TokenLoader
+from dsv3.data.prepare import open_store
+from dsv3.data.synthetic import SyntheticLoader
 from dsv3.model import ModelConfig, Transformer, update_expert_bias
 
 from .config import Config, TrainConfig
@@ -46,6 +49,17 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.devic
                              fused=device.type == "cuda")
 
 
+def build_loader(cfg: DataConfig, model_cfg: ModelConfig, seed: int) -> TokenLoader | SyntheticLoader:
+    """The training-split loader of `cfg` (the store is prepared on first use)."""
+    if cfg.source == "synthetic":
+        return SyntheticLoader(model_cfg.vocab_size, cfg.synthetic_branching, cfg.seq_len, seed)
+    store = open_store(cfg, seed)
+    if store.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"The tokenizer of data store {store.path} has {store.vocab_size} tokens, more than "
+                         f"model.vocab_size={model_cfg.vocab_size}.")
+    return TokenLoader(store.split("train"), cfg.seq_len, seed)
+
+
 def learning_rate(step: int, tc: TrainConfig) -> float:
     """Linear warmup over train.warmup_steps, then the peak rate."""
     if step < tc.warmup_steps:
@@ -61,15 +75,14 @@ def train(cfg: Config) -> list[dict]:
     model = build_model(cfg.model, device, cfg.seed)
     model.train()
     optimizer = build_optimizer(model, tc, device)
-    data = MarkovTokens(cfg.model.vocab_size, cfg.data.synthetic_branching, cfg.seed)
+    loader = build_loader(cfg.data, cfg.model, cfg.seed)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
     routers = model.routers()
 
     run_dir = Path(tc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tokens_per_step = tc.grad_accum * tc.micro_batch_size * cfg.data.seq_len
-    log.info("training %d steps of %d tokens on %s; the synthetic chain's loss floor is %.3f nats",
-             tc.steps, tokens_per_step, device, data.entropy)
+    log.info("training %d steps of %d tokens on %s from %s", tc.steps, tokens_per_step, device, cfg.data.source)
 
     history = []
     with open(run_dir / "metrics.jsonl", "w") as metrics_file:
@@ -80,7 +93,7 @@ def train(cfg: Config) -> list[dict]:
                 group["lr"] = lr
             losses = torch.zeros(4, device=device)  # total, main, mtp, balance; averaged over micro-batches
             for micro in range(tc.grad_accum):
-                batch = data.batch(tc.micro_batch_size, cfg.data.seq_len, step, micro).to(device)
+                batch = loader.next_batch(tc.micro_batch_size).to(device)
                 with autocast:
                     out = model(batch[:, :-1], batch[:, 1:])
                     loss = out.total(tc.mtp_weight)
