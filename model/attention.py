@@ -17,7 +17,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """Causal softmax(q k^T * scale) v over (batch, heads, seq, dim), accumulated in fp32.
 
     MLA's q/k (192) and v (128) head dims differ, which PyTorch's flash kernel refuses; SDPA then
-    picks cuDNN's fused kernel, which takes them as they are (on an H100 it ran 1.4x faster than
+    picks cuDNN's fused kernel, which takes them as they are (on an H100 it ran 2.1x faster than
     flash on v zero-padded to 192: benchmarks/RESULTS.md), or its exact math fallback on the CPU.
     """
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
