@@ -25,10 +25,10 @@ setup(
         "tokenizers>=0.20",
         "wandb>=0.19",
         "tqdm",
+        "matplotlib",
     ],
     extras_require={
         "test": ["pytest>=8"],
-        "plot": ["matplotlib"],
     },
     entry_points={
         "console_scripts": [

@@ -2,7 +2,10 @@
 
 Hydra composes ``recipes/config.yaml`` (default model: tiny) with the overrides, checks every key
 and type against the schema in ``dsv3.train.config``, and hands the typed config to the loop.
+Bad input (an impossible setting, a missing file) ends the run with one sentence and exit code 2;
+HYDRA_FULL_ERROR=1 shows the traceback as well.
 """
+import os
 import sys
 
 import hydra
@@ -18,11 +21,12 @@ def main(cfg: DictConfig) -> None:
     from dsv3.train.loop import train
 
     try:
-        config = OmegaConf.to_object(cfg)  # runs every config dataclass's checks on the final values
-    except ValueError as error:
+        train(OmegaConf.to_object(cfg))  # to_object runs every config dataclass's checks
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    train(config)
 
 
 if __name__ == "__main__":

@@ -16,41 +16,102 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
 @dataclass
+class ScheduleConfig:
+    """Schedules over the run's tokens. Boundaries are fractions of the run's length, so a short
+    run follows the same shape as DeepSeek-V3's 14.8T tokens (defaults: RECIPE.md section 6)."""
+    lr: float = 2.2e-4  # peak, reached at the end of warmup
+    warmup: float = 0.0019  # linear 0 -> lr; V3: 2K steps, about 28B of 14.8T tokens
+    decay_start: float = 0.675676  # constant lr until here; V3: 10T
+    decay_end: float = 0.966216  # cosine lr -> decayed_lr until here; V3: 14.3T
+    decayed_lr: float = 2.2e-5  # held from decay_end to final_start; V3: 333B tokens
+    final_start: float = 0.988716  # V3: 14.633T
+    final_lr: float = 7.3e-6  # held to the end; V3: the last 167B tokens
+    batch_ramp_start: int = 0  # global batch (sequences) at the start; 0: no ramp. V3: 3072
+    batch_ramp_end: float = 0.031689  # global batch grows linearly to train.global_batch_size; V3: 469B
+    mtp_weight: float = 0.3  # lambda, until mtp_switch; V3: the first 10T
+    mtp_weight_late: float = 0.1  # lambda after mtp_switch
+    mtp_switch: float = 0.675676
+    bias_update_speed: float = 1e-3  # gamma, until bias_freeze; V3: 14.3T
+    bias_freeze: float = 0.966216  # gamma is 0 from here on
+
+    def __post_init__(self) -> None:
+        points = [("warmup", self.warmup), ("decay_start", self.decay_start), ("decay_end", self.decay_end),
+                  ("final_start", self.final_start)]
+        for (a, x), (b, y) in zip(points, points[1:]):
+            if not 0 <= x <= y <= 1:
+                raise ValueError(f"train.schedule.{a}={x} and train.schedule.{b}={y} must satisfy "
+                                 f"0 <= {a} <= {b} <= 1.")
+        for name in ("batch_ramp_end", "mtp_switch", "bias_freeze"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"train.schedule.{name} must lie in [0, 1], got {getattr(self, name)}.")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline; online; offline; disabled
+    project: str = "dsv3"
+    name: str = ""  # the run's display name; "" uses the run directory's name
+    group: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "online", "offline", "disabled"):
+            raise ValueError(f"train.wandb.mode must be auto, online, offline or disabled, got {self.mode!r}.")
+
+
+@dataclass
 class TrainConfig:
-    run_dir: str = "runs/default"  # metrics.jsonl (and later checkpoints) go here
-    steps: int = 200  # optimizer steps
-    micro_batch_size: int = 8  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2.2e-4  # peak learning rate
-    warmup_steps: int = 20  # linear warmup from 0 to lr
-    weight_decay: float = 0.1  # applied to matrices and embeddings, not to norm gains
+    run_dir: str = "runs/default"  # metrics.jsonl, checkpoints/, wandb/ go here
+    steps: int = 0  # run length in optimizer steps, or:
+    tokens: int = 0  # run length in tokens (exactly one of the two is set)
+    global_batch_size: int = 8  # sequences per optimizer step (after any batch ramp)
+    micro_batch_size: int = 8  # sequences per forward/backward on each data-parallel rank
+    weight_decay: float = 0.1  # on matrices and embeddings, not on norm gains
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm
-    mtp_weight: float = 0.3  # lambda
-    bias_update_speed: float = 0.001  # gamma
+    adam_state_dtype: str = "float32"  # "bfloat16" keeps AdamW's moments in BF16, as DeepSeek-V3 did
     device: str = "auto"  # "auto": CUDA when present, else CPU
     log_every: int = 10  # console lines; metrics.jsonl gets every step
+    eval_every: int = 0  # validation loss and bits per byte every N steps (0: never; always at the end)
+    eval_batches: int = 4  # micro-batches of the validation split per evaluation
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end and on preemption)
+    keep_checkpoints: int = 3  # the newest K complete checkpoints are kept
+    async_checkpoint: bool = False  # write checkpoints in the background after staging them
+    resume: str = "auto"  # auto: the newest complete checkpoint of run_dir, if any; never; or a path
+    peak_tflops: float = 0.0  # the device's dense BF16 peak for MFU; 0: known GPUs by name
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "micro_batch_size", "grad_accum", "log_every"):
+        if (self.steps > 0) == (self.tokens > 0):
+            raise ValueError(f"Set exactly one of train.steps={self.steps} and train.tokens={self.tokens} "
+                             "to a positive run length.")
+        for name in ("global_batch_size", "micro_batch_size", "log_every", "eval_batches", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}.")
-        if self.warmup_steps < 0 or self.lr <= 0:
-            raise ValueError("train.lr must be positive and train.warmup_steps >= 0.")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                             f"train.micro_batch_size={self.micro_batch_size}.")
+        if self.adam_state_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"train.adam_state_dtype must be float32 or bfloat16, got {self.adam_state_dtype!r}.")
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1))
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}.")
+        ramp = self.train.schedule.batch_ramp_start
+        if ramp and (ramp % self.train.micro_batch_size or ramp > self.train.global_batch_size):
+            raise ValueError(f"train.schedule.batch_ramp_start={ramp} must be a multiple of train.micro_batch_size="
+                             f"{self.train.micro_batch_size} and at most train.global_batch_size="
+                             f"{self.train.global_batch_size}.")
 
 
 def register() -> None:

@@ -1,25 +1,39 @@
-"""Build a run from the config and train it: model on the meta device -> materialise -> init ->
-AdamW -> steps of (micro-batches -> clip -> step -> router-bias update -> metrics)."""
+"""Build a run from the config and train it.
+
+recipe -> model on the meta device -> materialise and initialise -> AdamW -> resume from the newest
+complete checkpoint -> steps of (micro-batches -> clip -> step -> router-bias update -> metrics)
+-> checkpoints every N steps, on SIGTERM/SIGUSR1, and at the end.
+"""
 from __future__ import annotations
 
-import json
 import logging
 import math
+import resource
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from dsv3.data.config import DataConfig
 from dsv3.data.loader import TokenLoader
 from dsv3.data.prepare import open_store
 from dsv3.data.synthetic import SyntheticLoader
-from dsv3.model import ModelConfig, Transformer, update_expert_bias
+from dsv3.model import ModelConfig, Transformer, count, update_expert_bias
 
-from .config import Config, TrainConfig
+from .checkpoint import Checkpointer
+from .config import Config
+from .metrics import MetricsLog
+from .optim import build_optimizer
+from .schedule import plan, steps_for
 
 log = logging.getLogger("dsv3.train")
+
+# Dense BF16 peak of known GPUs in TFLOPS (datasheets, SXM parts), for MFU.
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0}
 
 
 def pick_device(name: str) -> torch.device:
@@ -31,6 +45,15 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def peak_flops(device: torch.device, configured_tflops: float) -> float | None:
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+    return None
+
+
 def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> Transformer:
     """Construct on the meta device (no memory), then allocate on `device` and initialise."""
     with torch.device("meta"):
@@ -40,85 +63,224 @@ def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> Transforme
     return model
 
 
-def build_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on every matrix and embedding, none on the 1-d norm gains."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
-                             fused=device.type == "cuda")
-
-
-def build_loader(cfg: DataConfig, model_cfg: ModelConfig, seed: int) -> TokenLoader | SyntheticLoader:
-    """The training-split loader of `cfg` (the store is prepared on first use)."""
-    if cfg.source == "synthetic":
-        return SyntheticLoader(model_cfg.vocab_size, cfg.synthetic_branching, cfg.seq_len, seed)
+def build_loader(cfg: DataConfig, model_cfg: ModelConfig, seed: int, split: str = "train"):
+    """A loader over `split` of the configured source (its store is prepared on first use)."""
+    if cfg.source == "synthetic":  # the held-out "split" is the same chain sampled from another stream
+        return SyntheticLoader(model_cfg.vocab_size, cfg.synthetic_branching, cfg.seq_len,
+                               seed if split == "train" else seed + 1_000_003)
     store = open_store(cfg, seed)
     if store.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"The tokenizer of data store {store.path} has {store.vocab_size} tokens, more than "
                          f"model.vocab_size={model_cfg.vocab_size}.")
-    return TokenLoader(store.split("train"), cfg.seq_len, seed)
+    return TokenLoader(store.split(split), cfg.seq_len, seed, shuffle=split == "train")
 
 
-def learning_rate(step: int, tc: TrainConfig) -> float:
-    """Linear warmup over train.warmup_steps, then the peak rate."""
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    return tc.lr
+class StopSignals:
+    """Records SIGTERM / SIGUSR1 (what SLURM sends before a time limit) so the loop can finish
+    its step, save and exit cleanly; restores the previous handlers on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        tc = cfg.train
+        self.device = pick_device(tc.device)
+        self.run_dir = Path(tc.run_dir)
+        self.model = build_model(cfg.model, self.device, cfg.seed)
+        self.model.train()
+        self.optimizer = self._optimizer()
+        self.loader = build_loader(cfg.data, cfg.model, cfg.seed)
+        self.schedule = plan(tc.schedule, tc.steps, tc.tokens, cfg.data.seq_len, tc.global_batch_size,
+                             tc.micro_batch_size)
+        self.total_steps = tc.steps or steps_for(self.schedule)
+        self.step = 0
+        self.tokens = 0
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", tc.keep_checkpoints, tc.async_checkpoint)
+        self.routers = self.model.routers()
+        counts = count(cfg.model, cfg.data.seq_len)
+        self.flop_per_token = counts.flop_per_token + counts.mtp_flop_per_token
+        self.peak_flops = peak_flops(self.device, tc.peak_tflops)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else nullcontext())
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        tc = self.cfg.train
+        return build_optimizer(self.model, tc.schedule.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay,
+                               tc.adam_state_dtype, self.device)
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        trainer = {"step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict(), "rng": rng,
+                   "config": OmegaConf.to_yaml(OmegaConf.structured(self.cfg))}
+        return {"model": model, "optimizer": optimizer, "trainer": trainer}
+
+    def load_state_dict(self, state: dict) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        trainer = state["trainer"]
+        self.step, self.tokens = int(trainer["step"]), int(trainer["tokens"])
+        self.loader.load_state_dict(trainer["loader"])
+        torch.set_rng_state(trainer["rng"]["cpu"])
+        if "cuda" in trainer["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(trainer["rng"]["cuda"], self.device)
+
+    def resume(self) -> None:
+        """train.resume=auto: the newest complete checkpoint that loads; a corrupt one is skipped
+        with a warning naming it. train.resume=PATH: that checkpoint, or a clear error."""
+        tc = self.cfg.train
+        if tc.resume == "never":
+            return
+        explicit = tc.resume != "auto"
+        candidates = [Path(tc.resume)] if explicit else self.checkpointer.complete()
+        for path in candidates:
+            try:
+                state = self.state_dict()
+                self.checkpointer.load(path, state)
+                self.load_state_dict(state)
+            except Exception as error:  # a torn or foreign checkpoint fails in many ways
+                if explicit:
+                    raise ValueError(f"train.resume={tc.resume} cannot be loaded: {error}") from None
+                log.warning("skipping checkpoint %s, which cannot be loaded: %s", path, str(error).splitlines()[0])
+                continue
+            log.info("resumed from %s at step %d (%d tokens)", path, self.step, self.tokens)
+            return
+        if candidates:  # every load failed, possibly half-way: start from a clean slate
+            self.model = build_model(self.cfg.model, self.device, self.cfg.seed)
+            self.model.train()
+            self.routers = self.model.routers()
+            self.optimizer = self._optimizer()
+            self.loader.load_state_dict({**self.loader.state_dict(), "samples_seen": 0})
+            self.step = self.tokens = 0
+
+    def save(self) -> None:
+        self.checkpointer.save(self.step, self.state_dict())
+
+    # --- steps -----------------------------------------------------------------------------------
+
+    def train_step(self) -> dict:
+        tc, seq_len = self.cfg.train, self.cfg.data.seq_len
+        start = time.perf_counter()
+        batch_size = self.schedule.batch_size(self.tokens)
+        micro_batches = batch_size // tc.micro_batch_size
+        tokens_after = self.tokens + batch_size * seq_len
+        lr, mtp_weight = self.schedule.lr(tokens_after), self.schedule.mtp_weight(tokens_after)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        losses = torch.zeros(4, device=self.device)  # total, main, mtp, balance; mean over micro-batches
+        for _ in range(micro_batches):
+            batch = self.loader.next_batch(tc.micro_batch_size).to(self.device, non_blocking=True)
+            with self.autocast:
+                out = self.model(batch[:, :-1], batch[:, 1:])
+                loss = out.total(mtp_weight)
+            (loss / micro_batches).backward()
+            losses += torch.stack([loss, out.main_loss, out.mtp_loss, out.balance_loss]).detach() / micro_batches
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        violation = update_expert_bias(self.routers, self.schedule.bias_update_speed(tokens_after))
+        self.step += 1
+        self.tokens = tokens_after
+
+        total, main, mtp, balance = losses.tolist()  # waits for the device
+        seconds = time.perf_counter() - start
+        tokens_per_s = batch_size * seq_len / seconds
+        if not math.isfinite(total):
+            raise FloatingPointError(f"The loss became {total} at step {self.step}; the run stops here.")
+        return {"step": self.step, "tokens": self.tokens, "loss": total, "main_loss": main, "mtp_loss": mtp,
+                "balance_loss": balance, "lr": lr, "mtp_weight": mtp_weight,
+                "bias_update_speed": self.schedule.bias_update_speed(tokens_after), "batch_size": batch_size,
+                "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
+                "mfu": tokens_per_s * self.flop_per_token / self.peak_flops if self.peak_flops else None,
+                "max_violation": max(violation.tolist(), default=0.0),
+                "max_violation_per_layer": violation.tolist(), "peak_memory_gib": self._peak_memory_gib(),
+                "step_seconds": seconds}
+
+    def _peak_memory_gib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Main-model loss on the first train.eval_batches micro-batches of the held-out split, and
+        bits per byte (nats per token x tokens per UTF-8 byte of the split / ln 2)."""
+        tc = self.cfg.train
+        try:
+            loader = build_loader(self.cfg.data, self.cfg.model, self.cfg.seed, split="validation")
+        except ValueError as error:  # e.g. a validation split shorter than one sequence
+            log.warning("no validation: %s", error)
+            return {}
+        self.model.eval()
+        total = 0.0
+        for _ in range(tc.eval_batches):
+            batch = loader.next_batch(tc.micro_batch_size).to(self.device)
+            with self.autocast:
+                total += self.model(batch[:, :-1], batch[:, 1:]).main_loss.item()
+        self.model.train()
+        val_loss = total / tc.eval_batches
+        result = {"val_loss": val_loss, "val_bpb": None}
+        if isinstance(loader, TokenLoader):
+            split = loader.split.meta
+            result["val_bpb"] = val_loss * split["tokens"] / split["bytes"] / math.log(2)
+        return result
+
+    def run(self) -> list[dict]:
+        tc = self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.resume()
+        if self.step >= self.total_steps:
+            log.info("the run in %s has already finished its %d steps", self.run_dir, self.total_steps)
+            return []
+        log.info("training %s: steps %d..%d of %d-token sequences on %s from %s", self.run_dir,
+                 self.step + 1, self.total_steps, self.cfg.data.seq_len, self.device, self.cfg.data.source)
+        config = OmegaConf.to_container(OmegaConf.structured(self.cfg))
+        metrics = MetricsLog(self.run_dir, tc.wandb, config, self.total_steps, self.step, tc.log_every)
+        history = []
+        try:
+            with StopSignals() as stop:
+                while self.step < self.total_steps:
+                    record = self.train_step()
+                    finished = self.step == self.total_steps
+                    if (tc.eval_every and self.step % tc.eval_every == 0) or finished:
+                        record.update(self.evaluate())
+                    metrics.log(record)
+                    history.append(record)
+                    if stop.received is not None:
+                        log.info("received %s: saving step %d and exiting", signal.Signals(stop.received).name,
+                                 self.step)
+                        break
+                    if not finished and tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+                        self.save()
+                self.save()
+                self.checkpointer.wait()
+        finally:
+            metrics.close()
+        return history
 
 
 def train(cfg: Config) -> list[dict]:
-    """Runs cfg.train.steps optimizer steps; returns the per-step metrics it also writes to
-    ``<run_dir>/metrics.jsonl``."""
-    tc = cfg.train
-    device = pick_device(tc.device)
-    model = build_model(cfg.model, device, cfg.seed)
-    model.train()
-    optimizer = build_optimizer(model, tc, device)
-    loader = build_loader(cfg.data, cfg.model, cfg.seed)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
-    routers = model.routers()
-
-    run_dir = Path(tc.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tokens_per_step = tc.grad_accum * tc.micro_batch_size * cfg.data.seq_len
-    log.info("training %d steps of %d tokens on %s from %s", tc.steps, tokens_per_step, device, cfg.data.source)
-
-    history = []
-    with open(run_dir / "metrics.jsonl", "w") as metrics_file:
-        for step in range(tc.steps):
-            start = time.perf_counter()
-            lr = learning_rate(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            losses = torch.zeros(4, device=device)  # total, main, mtp, balance; averaged over micro-batches
-            for micro in range(tc.grad_accum):
-                batch = loader.next_batch(tc.micro_batch_size).to(device)
-                with autocast:
-                    out = model(batch[:, :-1], batch[:, 1:])
-                    loss = out.total(tc.mtp_weight)
-                (loss / tc.grad_accum).backward()
-                losses += torch.stack([loss, out.main_loss, out.mtp_loss, out.balance_loss]).detach() / tc.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            violation = update_expert_bias(routers, tc.bias_update_speed)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - start
-
-            sums = dict(zip(("loss", "main_loss", "mtp_loss", "balance_loss"), losses.tolist()))
-            record = {"step": step + 1, **sums, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens_per_step / seconds,
-                      "max_violation": violation.max().item() if violation.numel() else 0.0}
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"The loss became {record['loss']} at step {step + 1}.")
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            history.append(record)
-            if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
-                log.info("step %d/%d | loss %.4f (main %.4f, mtp %.4f, balance %.2e) | lr %.2e | "
-                         "grad norm %.3f | %.0f tokens/s | max violation %.2f",
-                         step + 1, tc.steps, record["loss"], record["main_loss"], record["mtp_loss"],
-                         record["balance_loss"], lr, grad_norm, record["tokens_per_s"], record["max_violation"])
-    return history
+    """Runs (or resumes) the training run of `cfg`; returns the metrics of the steps it ran."""
+    return Trainer(cfg).run()

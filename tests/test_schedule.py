@@ -1,0 +1,96 @@
+"""The recipe's schedules at every boundary (RECIPE.md section 6), and the BF16-moment AdamW."""
+import math
+
+import pytest
+import torch
+
+from dsv3.train.config import ScheduleConfig
+from dsv3.train.optim import AdamW
+from dsv3.train.schedule import Schedule, plan, steps_for
+
+V3_TOKENS = 14_800_000_000_000
+SEQ = 4096
+
+
+def v3() -> Schedule:
+    cfg = ScheduleConfig(batch_ramp_start=3072)
+    return Schedule(cfg, V3_TOKENS, SEQ, global_batch=15360, batch_unit=1)
+
+
+def test_v3_boundaries_fall_on_the_reports_token_counts():
+    s = v3()
+    for fraction, tokens in ((s.cfg.decay_start, 10e12), (s.cfg.decay_end, 14.3e12),
+                             (s.cfg.final_start, 14.633e12), (s.cfg.batch_ramp_end, 469e9),
+                             (s.cfg.mtp_switch, 10e12), (s.cfg.bias_freeze, 14.3e12)):
+        assert fraction * V3_TOKENS == pytest.approx(tokens, rel=2e-4)
+
+
+def test_learning_rate_at_each_boundary():
+    s, c, T = v3(), v3().cfg, V3_TOKENS
+    assert s.lr(0) == 0
+    assert s.lr(int(c.warmup * T / 2)) == pytest.approx(2.2e-4 / 2, rel=1e-6)
+    assert s.lr(int(c.warmup * T)) == pytest.approx(2.2e-4)
+    assert s.lr(int(c.decay_start * T) - 1) == 2.2e-4  # constant until 10T
+    middle = (c.decay_start + c.decay_end) / 2 * T
+    assert s.lr(int(middle)) == pytest.approx((2.2e-4 + 2.2e-5) / 2, rel=1e-6)  # cosine half-way
+    quarter = (c.decay_start + 0.25 * (c.decay_end - c.decay_start)) * T
+    expected = 2.2e-5 + (2.2e-4 - 2.2e-5) * 0.5 * (1 + math.cos(math.pi / 4))
+    assert s.lr(int(quarter)) == pytest.approx(expected, rel=1e-6)
+    assert s.lr(int(c.decay_end * T)) == pytest.approx(2.2e-5)
+    assert s.lr(int(c.final_start * T) - 1) == 2.2e-5  # held for 333B tokens
+    assert s.lr(int(c.final_start * T) + 1) == 7.3e-6  # then 7.3e-6 for 167B
+    assert s.lr(T) == 7.3e-6
+
+
+def test_mtp_weight_and_bias_speed_switch_where_the_report_says():
+    s, c, T = v3(), v3().cfg, V3_TOKENS
+    assert s.mtp_weight(int(c.mtp_switch * T) - 1) == 0.3 and s.mtp_weight(int(c.mtp_switch * T) + 1) == 0.1
+    assert s.bias_update_speed(int(c.bias_freeze * T) - 1) == 1e-3
+    assert s.bias_update_speed(int(c.bias_freeze * T) + 1) == 0.0
+
+
+def test_batch_ramp_in_whole_micro_batches():
+    cfg = ScheduleConfig(batch_ramp_start=3072)
+    s = Schedule(cfg, V3_TOKENS, SEQ, global_batch=15360, batch_unit=64)
+    ramp = cfg.batch_ramp_end * V3_TOKENS
+    assert s.batch_size(0) == 3072
+    assert s.batch_size(int(ramp / 2)) == (3072 + 15360) // 2 // 64 * 64
+    assert s.batch_size(int(ramp)) == 15360
+    sizes = [s.batch_size(int(ramp * i / 100)) for i in range(101)]
+    assert all(b % 64 == 0 for b in sizes) and sizes == sorted(sizes)
+
+
+def test_v3_run_takes_about_243k_steps():
+    assert steps_for(v3()) == pytest.approx(243_000, rel=0.01)  # RECIPE.md section 6, derived
+
+
+def test_a_run_given_in_steps_takes_exactly_those_steps_with_a_ramp():
+    cfg = ScheduleConfig(batch_ramp_start=16, batch_ramp_end=0.3)
+    s = plan(cfg, steps=500, tokens=0, seq_len=128, global_batch=64, batch_unit=8)
+    assert steps_for(s) == 500
+    assert s.batch_size(0) == 16 and s.batch_size(s.total_tokens) == 64
+
+
+def test_bf16_moment_adamw():
+    torch.manual_seed(0)
+    params = [torch.randn(64, 32), torch.randn(32)]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(20)]
+
+    def run(optimizer_class, **kwargs):
+        weights = [p.clone().requires_grad_() for p in params]
+        optimizer = optimizer_class(weights, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **kwargs)
+        for step_grads in grads:
+            for w, g in zip(weights, step_grads):
+                w.grad = g.clone()
+            optimizer.step()
+        return weights, optimizer
+
+    reference, _ = run(torch.optim.AdamW, foreach=False)
+    exact, _ = run(AdamW, state_dtype=torch.float32)
+    for a, b in zip(exact, reference):  # with fp32 moments it is torch's AdamW
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    bf16, optimizer = run(AdamW, state_dtype=torch.bfloat16)
+    assert all(s["exp_avg"].dtype == torch.bfloat16 and s["exp_avg_sq"].dtype == torch.bfloat16
+               for s in optimizer.state.values())
+    for a, b, start in zip(bf16, reference, params):
+        assert ((a - b).norm() / (b - start).norm()).item() < 0.02  # the update differs by < 2%

@@ -1,0 +1,179 @@
+"""The trainer: exact resume, checkpoints that survive kills, preemption, metrics and W&B files."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dsv3.train.config import compose
+from dsv3.train.loop import Trainer
+
+QUICK = ["data=synthetic", "train.device=cpu", "train.wandb.mode=disabled", "train.eval_every=0",
+         "model.n_layers=2", "data.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=2"]
+
+
+def trainer(run_dir, *overrides) -> Trainer:
+    return Trainer(OmegaConf.to_object(compose([f"train.run_dir={run_dir}", *QUICK, *overrides])))
+
+
+def losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def start(run_dir, *overrides) -> subprocess.Popen:
+    args = [sys.executable, "-m", "dsv3.train", f"train.run_dir={run_dir}", *QUICK, *overrides]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted reference: 24 steps, with a checkpoint at the end."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    t = trainer(run_dir, "train.steps=24")
+    t.run()
+    return run_dir, t
+
+
+def expert_biases(t: Trainer) -> list[torch.Tensor]:
+    return [r.expert_bias.clone() for r in t.model.routers()]
+
+
+def test_exact_resume_after_kill(tmp_path, straight):
+    """Run 24 steps in a process that is killed (-9) once step 8's checkpoint exists, then resume:
+    the loss sequence, the router biases and the data position equal the uninterrupted run's."""
+    reference_dir, reference = straight
+    process = start(tmp_path, "train.steps=24", "train.checkpoint_every=8")
+    wait_for(tmp_path / "checkpoints" / "step_00000008", process)
+    process.kill()
+    process.wait()
+    resumed = trainer(tmp_path, "train.steps=24", "train.checkpoint_every=8")
+    resumed.resume()
+    assert 8 <= resumed.step < 24  # it really resumed mid-run
+    resumed.cfg.train.resume = "never"  # already loaded above
+    resumed.run()
+    assert losses(tmp_path) == losses(reference_dir)  # bitwise: JSON keeps every float exactly
+    assert all(torch.equal(a, b) for a, b in zip(expert_biases(resumed), expert_biases(reference)))
+    assert any(b.abs().sum() > 0 for b in expert_biases(resumed))  # biases moved, and were restored
+    assert resumed.loader.state_dict() == reference.loader.state_dict()
+    for a, b in zip(resumed.model.state_dict().values(), reference.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_sigterm_saves_exits_cleanly_and_the_restart_finishes(tmp_path, straight):
+    reference_dir, _ = straight
+    process = start(tmp_path, "train.steps=24")
+    wait_for(tmp_path / "metrics.jsonl", process)
+    while len((tmp_path / "metrics.jsonl").read_text().splitlines()) < 3:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "received SIGTERM: saving step" in output
+    saved = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_")]
+    assert len(saved) == 1 and saved[0] != "step_00000024"
+    restart = subprocess.run([sys.executable, "-m", "dsv3.train", f"train.run_dir={tmp_path}", *QUICK,
+                              "train.steps=24"], capture_output=True, text=True, timeout=300)
+    assert restart.returncode == 0, restart.stderr
+    assert losses(tmp_path) == losses(reference_dir)
+
+
+def test_resume_auto_skips_a_torn_or_corrupt_newest_checkpoint(tmp_path, caplog):
+    t = trainer(tmp_path, "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=5")
+    t.run()
+    checkpoints = tmp_path / "checkpoints"
+    assert [p.name for p in t.checkpointer.complete()] == ["step_00000006", "step_00000004", "step_00000002"]
+    assert (checkpoints / "latest").read_text().strip() == "step_00000006"
+    # A save killed half-way leaves a .tmp folder: never chosen.
+    shutil.copytree(checkpoints / "step_00000006", checkpoints / "step_00000008.tmp")
+    (checkpoints / "step_00000008.tmp" / ".metadata").unlink()
+    # The newest complete checkpoint is corrupt: a data file lost its tail.
+    data_file = next((checkpoints / "step_00000006").glob("*.distcp"))
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+    again = trainer(tmp_path, "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=5")
+    again.resume()
+    assert again.step == 4
+    assert "skipping checkpoint" in caplog.text and "step_00000006" in caplog.text
+
+
+def test_explicit_resume_of_a_missing_checkpoint_fails_with_one_sentence(tmp_path):
+    t = trainer(tmp_path, "train.steps=2", f"train.resume={tmp_path / 'nope'}")
+    with pytest.raises(ValueError, match=r"train.resume=.*nope cannot be loaded"):
+        t.run()
+
+
+def test_keeps_the_newest_k_checkpoints(tmp_path):
+    trainer(tmp_path, "train.steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=2").run()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000006",
+                                                                           "step_00000008"]
+
+
+def test_async_checkpoint_resumes_like_a_blocking_one(tmp_path, straight):
+    reference_dir, _ = straight
+    first = trainer(tmp_path, "train.steps=24", "train.async_checkpoint=true", "train.checkpoint_every=4")
+    first.total_steps = 12  # stop half-way, as a preemption would
+    first.run()
+    trainer(tmp_path, "train.steps=24", "train.async_checkpoint=true", "train.checkpoint_every=4").run()
+    assert losses(tmp_path) == losses(reference_dir)
+
+
+def test_metrics_have_the_documented_fields(straight):
+    run_dir, _ = straight
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 25))
+    for key in ("loss", "main_loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "tokens_per_s", "tokens",
+                "max_violation", "peak_memory_gib", "mtp_weight", "bias_update_speed", "batch_size"):
+        assert all(isinstance(r[key], (int, float)) for r in records), key
+    assert all(len(r["max_violation_per_layer"]) == 2 for r in records)  # 1 MoE layer + 1 MTP block
+    assert records[-1]["tokens"] == 24 * 4 * 32
+    assert records[-1]["val_loss"] > 0 and "val_bpb" in records[-1]  # evaluated at the end
+
+
+def test_wandb_offline_run_continues_the_same_id_after_resume(tmp_path):
+    overrides = ["train.steps=6", "train.wandb.mode=offline", "train.wandb.project=dsv3-test"]
+    first = trainer(tmp_path, *overrides)
+    first.total_steps = 3
+    first.run()
+    trainer(tmp_path, *overrides).run()
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2  # one per process, one run id
+    assert all((run / f"run-{run_id}.wandb").stat().st_size > 0 for run in runs)
+
+
+def test_plot_command_writes_a_png(straight, tmp_path):
+    run_dir, _ = straight
+    out = tmp_path / "curves.png"
+    result = subprocess.run([sys.executable, "-m", "dsv3.train.plot", str(run_dir), "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bf16_adam_moments_train(tmp_path):
+    t = trainer(tmp_path, "train.steps=3", "train.adam_state_dtype=bfloat16")
+    history = t.run()
+    assert history[-1]["loss"] < history[0]["loss"] + 1
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in t.optimizer.state.values())
+
+
+def test_environment_is_untouched_by_signals(tmp_path):
+    """The handlers are the trainer's only while it runs."""
+    before = signal.getsignal(signal.SIGTERM)
+    trainer(tmp_path, "train.steps=1").run()
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert os.environ.get("WANDB_MODE") is None
