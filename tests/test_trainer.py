@@ -177,3 +177,23 @@ def test_environment_is_untouched_by_signals(tmp_path):
     trainer(tmp_path, "train.steps=1").run()
     assert signal.getsignal(signal.SIGTERM) is before
     assert os.environ.get("WANDB_MODE") is None
+
+
+def test_kill_during_a_save_leaves_the_previous_checkpoint_chosen(tmp_path):
+    """A real `kill -9` while DCP writes step 4 (a model large enough for the write to take a
+    while): the torn step_00000004.tmp is ignored and step 2 is resumed."""
+    big = ["model.dim=512", "model.inter_dim=1024", "model.vocab_size=16384", "model.n_routed_experts=16",
+           "model.moe_inter_dim=256", "train.steps=6", "train.checkpoint_every=2"]
+    process = start(tmp_path, *big)
+    torn = tmp_path / "checkpoints" / "step_00000004.tmp"
+    wait_for(torn, process)
+    process.kill()
+    process.wait()
+    assert torn.exists() and not (tmp_path / "checkpoints" / "step_00000004").exists()
+    again = trainer(tmp_path, *big)
+    again.resume()
+    assert again.step == 2
+    again.cfg.train.resume = "never"
+    again.run()
+    assert not torn.exists()  # the next save cleared it
+    assert [p.name for p in again.checkpointer.complete()][0] == "step_00000006"
