@@ -1,0 +1,18 @@
+"""How the ranks of a run are laid out (RECIPE.md section 5: DeepSeek-V3 used PP, EP and ZeRO-1
+data parallelism, no tensor parallelism)."""
+from dataclasses import dataclass
+
+
+@dataclass
+class ParallelConfig:
+    pp: int = 1  # pipeline stages
+    dp: int = 0  # data-parallel replicas of each expert; 0: whatever world_size / (pp * ep) leaves
+    ep: int = 1  # expert-parallel ranks: each holds n_routed_experts / ep experts of every MoE layer
+    zero: bool = True  # shard optimizer states and gradients over the data-parallel ranks (FSDP2)
+
+    def __post_init__(self) -> None:
+        for name in ("pp", "ep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.dp < 0:
+            raise ValueError(f"parallel.dp must be >= 0 (0: derived from the world size), got {self.dp}.")

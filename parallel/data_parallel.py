@@ -1,0 +1,65 @@
+"""Data-parallel gradient reduction, the global gradient norm, and router-load sums.
+
+Each rank's loss is the mean over its own tokens, so the loss of the global batch is the mean of
+the dp * ep ranks' losses. Dense gradients are identical in shape on every rank of a stage: they
+are summed over the stage's dp * ep ranks. An expert's gradient already holds the contributions of
+every ep rank's tokens (the all-to-all's backward brought them), so it is summed over dp only.
+Both are then divided by dp * ep.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from dsv3.model.moe import RoutedExperts
+
+
+def split_parameters(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(dense parameters, routed-expert parameters)."""
+    experts = {id(p) for m in model.modules() if isinstance(m, RoutedExperts) for p in m.parameters()}
+    params = list(model.parameters())
+    return [p for p in params if id(p) not in experts], [p for p in params if id(p) in experts]
+
+
+def _all_reduce_(tensors: list[torch.Tensor], group: dist.ProcessGroup, scale: float) -> None:
+    """Sums `tensors` over `group` in one collective, then multiplies them by `scale`, in place."""
+    if not tensors:
+        return
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat, group=group)
+    flat.mul_(scale)
+    for tensor, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        tensor.copy_(reduced)
+
+
+class GradientSync:
+    def __init__(self, model: torch.nn.Module, stage_group: dist.ProcessGroup, dp_group: dist.ProcessGroup,
+                 ep_group: dist.ProcessGroup):
+        self.dense, self.experts = split_parameters(model)
+        self.stage_group, self.dp_group, self.ep_group = stage_group, dp_group, ep_group
+        self.data_parallel = dist.get_world_size(stage_group)
+
+    @torch.no_grad()
+    def reduce(self) -> None:
+        scale = 1.0 / self.data_parallel
+        _all_reduce_([p.grad for p in self.dense if p.grad is not None], self.stage_group, scale)
+        _all_reduce_([p.grad for p in self.experts if p.grad is not None], self.dp_group, scale)
+
+    @torch.no_grad()
+    def clip_(self, max_norm: float) -> torch.Tensor:
+        """Clips to a global norm over every parameter of the model (experts of all ep ranks
+        included); returns the norm before clipping."""
+        dense = [p.grad for p in self.dense if p.grad is not None]
+        experts = [p.grad for p in self.experts if p.grad is not None]
+        squares = torch.stack([torch.linalg.vector_norm(g).square() for g in dense]).sum()
+        expert_squares = (torch.stack([torch.linalg.vector_norm(g).square() for g in experts]).sum()
+                          if experts else torch.zeros_like(squares))
+        dist.all_reduce(expert_squares, group=self.ep_group)  # each ep rank holds different experts
+        norm = (squares + expert_squares).sqrt()
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(dense + experts, factor)
+        return norm
+
+    def sum_over_stage(self, tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor, group=self.stage_group)
