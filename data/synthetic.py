@@ -12,7 +12,7 @@ import torch
 
 class SyntheticLoader:
     def __init__(self, vocab_size: int, branching: int, seq_len: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, held_out: bool = False):
         generator = torch.Generator().manual_seed(seed)
         self.successors = torch.randint(vocab_size, (vocab_size, branching), generator=generator)
         self.vocab_size = vocab_size
@@ -20,6 +20,7 @@ class SyntheticLoader:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.first_sample = 2**40 if held_out else 0  # held-out samples: the same chain, other draws
         self.samples_seen = 0
 
     @property
@@ -28,7 +29,7 @@ class SyntheticLoader:
         return math.log(self.successors.shape[1])
 
     def sample(self, index: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + index) % 2**63)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.first_sample + index) % 2**63)
         first = torch.randint(self.vocab_size, (1,), generator=generator)
         choices = torch.randint(self.successors.shape[1], (self.seq_len,), generator=generator)
         tokens = [first]

@@ -8,7 +8,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages
     dp: int = 0  # data-parallel replicas of each expert; 0: whatever world_size / (pp * ep) leaves
     ep: int = 1  # expert-parallel ranks: each holds n_routed_experts / ep experts of every MoE layer
-    zero: bool = True  # shard optimizer states and gradients over the data-parallel ranks (FSDP2)
+    zero: bool = True  # ZeRO-1: AdamW's moments sharded over the data-parallel ranks (several ranks only)
 
     def __post_init__(self) -> None:
         for name in ("pp", "ep"):

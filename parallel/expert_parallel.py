@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from dsv3.model.moe import MoE, RoutedExperts
 from dsv3.model.transformer import Transformer
@@ -49,8 +49,7 @@ class AllToAllDispatcher:
         receive_splits = received.sum(1).tolist()
 
         sent = x[order // indices.shape[1]]
-        arrived = sent.new_empty(sum(receive_splits), x.shape[1])
-        arrived = all_to_all_single(arrived, sent, receive_splits, send_splits, group=self.group)
+        arrived = all_to_all_single_autograd(sent, receive_splits, send_splits, self.group)
         # Arrived rows are grouped by source rank, then local expert; the GEMM wants local expert first.
         local_expert = torch.repeat_interleave(
             torch.arange(self.local_experts, device=x.device).repeat(self.ep), received.flatten())
@@ -60,9 +59,8 @@ class AllToAllDispatcher:
 
     def combine(self, y: torch.Tensor, dispatched: ExpertParallelDispatched, k: int) -> torch.Tensor:
         by_source = torch.empty_like(y).index_copy(0, dispatched.regroup, y)  # undo the regrouping
-        returned = y.new_empty(sum(dispatched.send_splits), y.shape[1])
-        returned = all_to_all_single(returned, by_source, dispatched.send_splits, dispatched.receive_splits,
-                                     group=self.group)
+        returned = all_to_all_single_autograd(by_source, dispatched.send_splits, dispatched.receive_splits,
+                                              self.group)
         return returned[dispatched.restore].unflatten(0, (-1, k))
 
 
@@ -78,3 +76,54 @@ def shard_experts(model: Transformer, group: dist.ProcessGroup) -> None:
         with torch.device(device):
             moe.experts = RoutedExperts(local, cfg.dim, cfg.moe_inter_dim, cfg.init_std, first_expert=rank * local)
         moe.dispatcher = AllToAllDispatcher(group, cfg.n_routed_experts)
+
+
+# --- Checkpoints that any expert layout can read -------------------------------------------------
+# Each routed expert is stored under its own global index ("layers.3.ffn.experts.w1.17"), so a
+# checkpoint saved with ep=2 loads with ep=1 or ep=4: every rank asks for the experts it holds.
+
+def expert_tensors(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """Fully qualified name of every stacked expert tensor -> (first global expert, local count)."""
+    return {f"{name}.{w}": (m.first_expert, m.w1.shape[0])
+            for name, m in model.named_modules() if isinstance(m, RoutedExperts) for w in ("w1", "w2", "w3")}
+
+
+def split_experts(state: dict, experts: dict[str, tuple[int, int]]) -> dict:
+    out = {k: v for k, v in state.items() if k not in experts}
+    for name, (first, count) in experts.items():
+        if name in state:
+            out.update({f"{name}.{first + i}": state[name][i] for i in range(count)})
+    return out
+
+
+def join_experts(state: dict, experts: dict[str, tuple[int, int]]) -> dict:
+    out = {k: v for k, v in state.items() if not any(k.startswith(name + ".") for name in experts)}
+    for name, (first, count) in experts.items():
+        if f"{name}.{first}" in state:
+            out[name] = torch.stack([state[f"{name}.{first + i}"] for i in range(count)])
+    return out
+
+
+def split_optimizer_experts(state: dict, experts: dict[str, tuple[int, int]]) -> dict:
+    """The same split for an optimizer state dict from get_state_dict (per-parameter moments)."""
+    per_param = {}
+    for name, values in state["state"].items():
+        if name not in experts:
+            per_param[name] = values
+            continue
+        first, count = experts[name]
+        for i in range(count):
+            per_param[f"{name}.{first + i}"] = {k: v[i] if v.dim() > 0 else v for k, v in values.items()}
+    return {**state, "state": per_param}
+
+
+def join_optimizer_experts(state: dict, experts: dict[str, tuple[int, int]]) -> dict:
+    per_param = {k: v for k, v in state["state"].items()
+                 if not any(k.startswith(name + ".") for name in experts)}
+    for name, (first, count) in experts.items():
+        if f"{name}.{first}" not in state["state"]:
+            continue
+        shards = [state["state"][f"{name}.{first + i}"] for i in range(count)]
+        per_param[name] = {k: torch.stack([s[k] for s in shards]) if shards[0][k].dim() > 0 else shards[0][k]
+                           for k in shards[0]}
+    return {**state, "state": per_param}

@@ -3,7 +3,6 @@ fall of the loss on the synthetic chain, and `make train`'s command on the embed
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 from omegaconf import OmegaConf
@@ -39,15 +38,12 @@ def test_tiny_recipe_learns_the_synthetic_chain(tmp_path):
 
 def test_make_train_command_on_the_embedded_corpus(tmp_path):
     """`make train` runs `dsv3-train` with no overrides: prepare the stdlib corpus, train 300 steps.
-    On 2 cores this took 58 s; the bound leaves room for a slower machine."""
-    started = time.time()
+    Its time on 2 cores is a benchmark figure (benchmarks/RESULTS.md), not a test bound."""
     result = subprocess.run([sys.executable, "-m", "dsv3.train", f"train.run_dir={tmp_path / 'run'}"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    seconds = time.time() - started
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 300
     assert records[0]["main_loss"] == pytest.approx(6.93, abs=0.05)
     assert sum(r["main_loss"] for r in records[-20:]) / 20 < 5.0  # 4.4 when measured
     assert records[-1]["val_loss"] < 5.3 and 0 < records[-1]["val_bpb"] < 3.5  # 4.94 and 2.99
-    assert seconds < 180

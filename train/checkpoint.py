@@ -30,10 +30,14 @@ QUIET = ".*process group.*|.*single process.*|.*torch.distributed.*"
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, keep: int, asynchronous: bool = False):
+    def __init__(self, directory: Path, keep: int, asynchronous: bool = False, runtime=None):
+        """runtime: the parallel runtime of a multi-rank run (None for one process). Every rank
+        writes its shards; the first rank alone cleans up, renames and updates `latest`."""
         self.directory = Path(directory)
         self.keep = keep
         self.asynchronous = asynchronous
+        self.runtime = runtime
+        self.is_main = runtime is None or runtime.is_main
         self.pending: Future | None = None
 
     def complete(self) -> list[Path]:
@@ -47,25 +51,35 @@ class Checkpointer:
         """Writes `state` as checkpoint `step`. With asynchronous saving, DCP stages the tensors
         to host memory before this returns and writes them in the background."""
         self.wait()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in self.directory.glob("*.tmp"):  # left by a process killed mid-save
-            shutil.rmtree(stale, ignore_errors=True)
+        if self.is_main:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for stale in self.directory.glob("*.tmp"):  # left by a process killed mid-save
+                shutil.rmtree(stale, ignore_errors=True)
+        self._barrier()
         final = self.directory / f"step_{step:08d}"
         tmp = self.directory / f"{final.name}.tmp"
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=QUIET)
             if self.asynchronous:
                 self.pending = dcp.async_save(state, checkpoint_id=str(tmp))
-                self.pending.add_done_callback(lambda future: future.exception() or self._publish(tmp, final))
+                if self.is_main:
+                    self.pending.add_done_callback(lambda future: future.exception() or self._publish(tmp, final))
             else:
                 dcp.save(state, checkpoint_id=str(tmp))
-                self._publish(tmp, final)
+                if self.is_main:
+                    self._publish(tmp, final)
+                self._barrier()  # no rank goes on before the checkpoint is complete
+
+    def _barrier(self) -> None:
+        if self.runtime is not None:
+            self.runtime.barrier()
 
     def wait(self) -> None:
         """Blocks until a background save has finished (and raises its error, if any)."""
         if self.pending is not None:
             pending, self.pending = self.pending, None
             pending.result()
+            self._barrier()
 
     def _publish(self, tmp: Path, final: Path) -> None:
         os.replace(tmp, final)

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from dsv3.data.config import DataConfig
 from dsv3.model.config import ModelConfig
+from dsv3.parallel.config import ParallelConfig
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -102,6 +103,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -16,13 +16,19 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from dsv3.data.config import DataConfig
 from dsv3.data.loader import TokenLoader
 from dsv3.data.prepare import open_store
 from dsv3.data.synthetic import SyntheticLoader
 from dsv3.model import ModelConfig, Transformer, count, update_expert_bias
+from dsv3.parallel import runtime as parallel_runtime
+from dsv3.parallel.expert_parallel import (expert_tensors, join_experts, join_optimizer_experts, shard_experts,
+                                           split_experts, split_optimizer_experts)
+from dsv3.parallel.runtime import Runtime
+from dsv3.parallel.zero import ZeroAdamW, build_zero_adamw
 
 from .checkpoint import Checkpointer
 from .config import Config
@@ -54,25 +60,35 @@ def peak_flops(device: torch.device, configured_tflops: float) -> float | None:
     return None
 
 
-def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> Transformer:
-    """Construct on the meta device (no memory), then allocate on `device` and initialise."""
+def build_model(cfg: ModelConfig, device: torch.device, seed: int, runtime: Runtime | None = None) -> Transformer:
+    """Construct on the meta device (no memory), apply expert parallelism, then allocate on
+    `device` and initialise."""
     with torch.device("meta"):
         model = Transformer(cfg)
+        if runtime is not None and runtime.layout.ep > 1:
+            shard_experts(model, runtime.ep_group)
     model.to_empty(device=device)
     model.init_weights(seed)
     return model
 
 
-def build_loader(cfg: DataConfig, model_cfg: ModelConfig, seed: int, split: str = "train"):
-    """A loader over `split` of the configured source (its store is prepared on first use)."""
-    if cfg.source == "synthetic":  # the held-out "split" is the same chain sampled from another stream
-        return SyntheticLoader(model_cfg.vocab_size, cfg.synthetic_branching, cfg.seq_len,
-                               seed if split == "train" else seed + 1_000_003)
+def build_loader(cfg: DataConfig, model_cfg: ModelConfig, seed: int, split: str = "train",
+                 runtime: Runtime | None = None):
+    """A loader over `split` of the configured source for this rank's share of each batch (the
+    store is prepared on first use, by the first rank while the others wait)."""
+    rank, world = (runtime.data_rank, runtime.layout.data_parallel) if runtime else (0, 1)
+    if cfg.source == "synthetic":
+        return SyntheticLoader(model_cfg.vocab_size, cfg.synthetic_branching, cfg.seq_len, seed, rank, world,
+                               held_out=split != "train")
+    if runtime is not None and not runtime.is_main:
+        runtime.barrier()  # rank 0 prepares the store
     store = open_store(cfg, seed)
+    if runtime is not None and runtime.is_main:
+        runtime.barrier()
     if store.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"The tokenizer of data store {store.path} has {store.vocab_size} tokens, more than "
                          f"model.vocab_size={model_cfg.vocab_size}.")
-    return TokenLoader(store.split(split), cfg.seq_len, seed, shuffle=split == "train")
+    return TokenLoader(store.split(split), cfg.seq_len, seed, rank, world, shuffle=split == "train")
 
 
 class StopSignals:
@@ -102,34 +118,63 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         tc = cfg.train
-        self.device = pick_device(tc.device)
+        device, self.runtime = parallel_runtime.start(cfg.parallel, cfg.model.n_routed_experts, tc.device)
+        self.device = device or pick_device(tc.device)
+        self.data_parallel = self.runtime.layout.data_parallel if self.runtime else 1
+        if tc.global_batch_size % (tc.micro_batch_size * self.data_parallel):
+            raise ValueError(f"train.global_batch_size={tc.global_batch_size} is not a multiple of "
+                             f"train.micro_batch_size={tc.micro_batch_size} x {self.data_parallel} data-parallel ranks.")
+        self.is_main = self.runtime is None or self.runtime.is_main
+        if not self.is_main:
+            logging.getLogger("dsv3").setLevel(logging.WARNING)
         self.run_dir = Path(tc.run_dir)
-        self.model = build_model(cfg.model, self.device, cfg.seed)
-        self.model.train()
+        self.model = self._model()
         self.optimizer = self._optimizer()
-        self.loader = build_loader(cfg.data, cfg.model, cfg.seed)
+        self.loader = build_loader(cfg.data, cfg.model, cfg.seed, runtime=self.runtime)
         self.schedule = plan(tc.schedule, tc.steps, tc.tokens, cfg.data.seq_len, tc.global_batch_size,
-                             tc.micro_batch_size)
+                             tc.micro_batch_size * self.data_parallel)
         self.total_steps = tc.steps or steps_for(self.schedule)
         self.step = 0
         self.tokens = 0
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", tc.keep_checkpoints, tc.async_checkpoint)
-        self.routers = self.model.routers()
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", tc.keep_checkpoints, tc.async_checkpoint,
+                                         self.runtime)
         counts = count(cfg.model, cfg.data.seq_len)
         self.flop_per_token = counts.flop_per_token + counts.mtp_flop_per_token
         self.peak_flops = peak_flops(self.device, tc.peak_tflops)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else nullcontext())
 
-    def _optimizer(self) -> torch.optim.Optimizer:
+    def _model(self) -> Transformer:
+        model = build_model(self.cfg.model, self.device, self.cfg.seed, self.runtime)
+        model.train()
+        self.routers = model.routers()
+        if self.runtime is not None:
+            self.runtime.attach(model)
+        return model
+
+    def _optimizer(self) -> torch.optim.Optimizer | ZeroAdamW:
         tc = self.cfg.train
-        return build_optimizer(self.model, tc.schedule.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay,
-                               tc.adam_state_dtype, self.device)
+        betas = (tc.beta1, tc.beta2)
+        if self.runtime is not None and self.cfg.parallel.zero:
+            state_dtype = torch.bfloat16 if tc.adam_state_dtype == "bfloat16" else torch.float32
+            return build_zero_adamw(self.model, self.runtime, tc.schedule.lr, betas, tc.eps, tc.weight_decay,
+                                    state_dtype)
+        return build_optimizer(self.model, tc.schedule.lr, betas, tc.eps, tc.weight_decay, tc.adam_state_dtype,
+                               self.device)
+
+    @property
+    def zero(self) -> bool:
+        return isinstance(self.optimizer, ZeroAdamW)
 
     # --- checkpoints -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        model, optimizer = get_state_dict(self.model, self.optimizer)
+        """Everything a resume needs; routed experts stored one per key, so any expert layout
+        can load it."""
+        experts = expert_tensors(self.model)
+        model = split_experts(get_model_state_dict(self.model), experts)
+        moments = (self.optimizer.state_dict() if self.zero else get_state_dict(self.model, self.optimizer)[1])
+        optimizer = split_optimizer_experts({"state": moments["state"]}, experts)  # per parameter, any layout
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -138,8 +183,14 @@ class Trainer:
         return {"model": model, "optimizer": optimizer, "trainer": trainer}
 
     def load_state_dict(self, state: dict) -> None:
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+        experts = expert_tensors(self.model)
+        set_model_state_dict(self.model, join_experts(state["model"], experts))
+        moments = join_optimizer_experts(state["optimizer"], experts)
+        if self.zero:
+            self.optimizer.load_state_dict(moments)
+        else:
+            full = get_state_dict(self.model, self.optimizer)[1]
+            set_optimizer_state_dict(self.model, self.optimizer, {**full, "state": moments["state"]})
         trainer = state["trainer"]
         self.step, self.tokens = int(trainer["step"]), int(trainer["tokens"])
         self.loader.load_state_dict(trainer["loader"])
@@ -168,9 +219,7 @@ class Trainer:
             log.info("resumed from %s at step %d (%d tokens)", path, self.step, self.tokens)
             return
         if candidates:  # every load failed, possibly half-way: start from a clean slate
-            self.model = build_model(self.cfg.model, self.device, self.cfg.seed)
-            self.model.train()
-            self.routers = self.model.routers()
+            self.model = self._model()
             self.optimizer = self._optimizer()
             self.loader.load_state_dict({**self.loader.state_dict(), "samples_seen": 0})
             self.step = self.tokens = 0
@@ -184,23 +233,37 @@ class Trainer:
         tc, seq_len = self.cfg.train, self.cfg.data.seq_len
         start = time.perf_counter()
         batch_size = self.schedule.batch_size(self.tokens)
-        micro_batches = batch_size // tc.micro_batch_size
+        micro_batches = batch_size // (tc.micro_batch_size * self.data_parallel)
         tokens_after = self.tokens + batch_size * seq_len
         lr, mtp_weight = self.schedule.lr(tokens_after), self.schedule.mtp_weight(tokens_after)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        if self.zero:
+            self.optimizer.lr = lr
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         losses = torch.zeros(4, device=self.device)  # total, main, mtp, balance; mean over micro-batches
         for _ in range(micro_batches):
-            batch = self.loader.next_batch(tc.micro_batch_size).to(self.device, non_blocking=True)
+            batch = self.loader.next_batch(tc.micro_batch_size * self.data_parallel).to(self.device, non_blocking=True)
             with self.autocast:
                 out = self.model(batch[:, :-1], batch[:, 1:])
                 loss = out.total(mtp_weight)
             (loss / micro_batches).backward()
             losses += torch.stack([loss, out.main_loss, out.mtp_loss, out.balance_loss]).detach() / micro_batches
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-        self.optimizer.step()
+        if self.zero:  # reduce-scatter, clip, update its slice, all-gather
+            grad_norm = self.optimizer.step(tc.grad_clip)
+        else:
+            if self.runtime is None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            else:
+                self.runtime.sync.reduce()
+                grad_norm = self.runtime.sync.clip_(tc.grad_clip)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        violation = update_expert_bias(self.routers, self.schedule.bias_update_speed(tokens_after))
+        sum_loads = None
+        if self.runtime is not None:
+            losses = self.runtime.mean_over_data_ranks(losses)
+            sum_loads = self.runtime.sync.sum_over_stage
+        violation = update_expert_bias(self.routers, self.schedule.bias_update_speed(tokens_after), sum_loads)
         self.step += 1
         self.tokens = tokens_after
 
@@ -229,23 +292,33 @@ class Trainer:
         bits per byte (nats per token x tokens per UTF-8 byte of the split / ln 2)."""
         tc = self.cfg.train
         try:
-            loader = build_loader(self.cfg.data, self.cfg.model, self.cfg.seed, split="validation")
+            loader = build_loader(self.cfg.data, self.cfg.model, self.cfg.seed, "validation", self.runtime)
         except ValueError as error:  # e.g. a validation split shorter than one sequence
             log.warning("no validation: %s", error)
             return {}
         self.model.eval()
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for _ in range(tc.eval_batches):
-            batch = loader.next_batch(tc.micro_batch_size).to(self.device)
+            batch = loader.next_batch(tc.micro_batch_size * self.data_parallel).to(self.device)
             with self.autocast:
-                total += self.model(batch[:, :-1], batch[:, 1:]).main_loss.item()
+                total += self.model(batch[:, :-1], batch[:, 1:]).main_loss.float()
         self.model.train()
-        val_loss = total / tc.eval_batches
+        if self.runtime is not None:
+            total = self.runtime.mean_over_data_ranks(total)
+        val_loss = total.item() / tc.eval_batches
         result = {"val_loss": val_loss, "val_bpb": None}
         if isinstance(loader, TokenLoader):
             split = loader.split.meta
             result["val_bpb"] = val_loss * split["tokens"] / split["bytes"] / math.log(2)
         return result
+
+    def _all_agree_to_stop(self, requested: bool) -> bool:
+        """A signal reaches ranks at different moments; every rank stops after the same step."""
+        if self.runtime is None:
+            return requested
+        flag = torch.tensor(float(requested), device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
     def run(self) -> list[dict]:
         tc = self.cfg.train
@@ -257,7 +330,8 @@ class Trainer:
         log.info("training %s: steps %d..%d of %d-token sequences on %s from %s", self.run_dir,
                  self.step + 1, self.total_steps, self.cfg.data.seq_len, self.device, self.cfg.data.source)
         config = OmegaConf.to_container(OmegaConf.structured(self.cfg))
-        metrics = MetricsLog(self.run_dir, tc.wandb, config, self.total_steps, self.step, tc.log_every)
+        metrics = (MetricsLog(self.run_dir, tc.wandb, config, self.total_steps, self.step, tc.log_every)
+                   if self.is_main else None)
         history = []
         try:
             with StopSignals() as stop:
@@ -266,21 +340,26 @@ class Trainer:
                     finished = self.step == self.total_steps
                     if (tc.eval_every and self.step % tc.eval_every == 0) or finished:
                         record.update(self.evaluate())
-                    metrics.log(record)
+                    if metrics is not None:
+                        metrics.log(record)
                     history.append(record)
-                    if stop.received is not None:
-                        log.info("received %s: saving step %d and exiting", signal.Signals(stop.received).name,
-                                 self.step)
+                    if self._all_agree_to_stop(stop.received is not None):
+                        name = signal.Signals(stop.received).name if stop.received else "a stop request"
+                        log.info("received %s: saving step %d and exiting", name, self.step)
                         break
                     if not finished and tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                         self.save()
                 self.save()
                 self.checkpointer.wait()
         finally:
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
         return history
 
 
 def train(cfg: Config) -> list[dict]:
     """Runs (or resumes) the training run of `cfg`; returns the metrics of the steps it ran."""
-    return Trainer(cfg).run()
+    try:
+        return Trainer(cfg).run()
+    finally:
+        parallel_runtime.stop()

@@ -1,0 +1,74 @@
+"""The process group of a run started by torchrun (or srun), and what each rank needs of it."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from .config import ParallelConfig
+from .data_parallel import GradientSync
+from .mesh import Layout, build_mesh, data_parallel_rank, resolve_layout, stage_group
+
+
+@dataclass
+class Runtime:
+    layout: Layout
+    mesh: DeviceMesh
+    rank: int
+    data_rank: int  # index among the dp * ep ranks that read different data
+    sync: GradientSync | None = None  # set once the model exists
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("ep")
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def mean_over_data_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total, group=stage_group(self.mesh))
+        return total / self.layout.data_parallel
+
+    def attach(self, model: torch.nn.Module) -> None:
+        self.sync = GradientSync(model, stage_group(self.mesh), self.mesh.get_group("dp"), self.ep_group)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start(cfg: ParallelConfig, n_routed_experts: int, device_name: str) -> tuple[torch.device, Runtime | None]:
+    """Joins the process group when there are several ranks; returns this rank's device and the
+    runtime (None for a single process). Checks the layout against the world size first."""
+    world = world_size()
+    layout = resolve_layout(cfg, world, n_routed_experts)
+    if layout.pp > 1:
+        raise ValueError(f"parallel.pp={layout.pp}: pipeline parallelism is not available in this version; "
+                         "use parallel.pp=1.")
+    if world == 1:
+        return None, None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        # NCCL for tensors on the GPU; gloo for the CPU-side objects that checkpointing exchanges
+        dist.init_process_group("cuda:nccl,cpu:gloo", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    mesh = build_mesh(layout, device.type)
+    return device, Runtime(layout, mesh, dist.get_rank(), data_parallel_rank(mesh))
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

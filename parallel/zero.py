@@ -1,0 +1,132 @@
+"""ZeRO-1 AdamW: optimizer states sharded over the data-parallel ranks (RECIPE.md section 4).
+
+Parameters are grouped into flat buckets that share a process group and a weight decay: dense
+matrices and dense norm gains over the stage's dp * ep ranks, routed experts over dp. For each
+bucket, one step is:
+  1. reduce-scatter the flattened gradients: rank r receives the sum of slice r (then / dp*ep);
+  2. the global gradient norm from the slices (one all-reduce over the stage) and clipping;
+  3. AdamW on slice r only, with slice r's moments, the only moments this rank keeps;
+  4. all-gather the updated slices back into every rank's full FP32 parameters.
+Memory for moments falls by the bucket's group size; communication equals one all-reduce.
+Checkpoints store the moments per parameter, whole (see state_dict), so any layout can load them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors
+
+
+class Bucket:
+    def __init__(self, names: list[str], params: list[torch.nn.Parameter], group: dist.ProcessGroup,
+                 weight_decay: float, state_dtype: torch.dtype):
+        self.names, self.params, self.group, self.weight_decay = names, params, group, weight_decay
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.numel = sum(p.numel() for p in params)
+        self.shard = math.ceil(self.numel / self.world)
+        self.start = self.rank * self.shard
+        device = params[0].device
+        self.exp_avg = torch.zeros(self.shard, dtype=state_dtype, device=device)
+        self.exp_avg_sq = torch.zeros(self.shard, dtype=state_dtype, device=device)
+        self.grad = torch.zeros(self.shard, dtype=torch.float32, device=device)
+
+    def padded(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        flat = _flatten_dense_tensors([t.float() for t in tensors])
+        return torch.nn.functional.pad(flat, (0, self.shard * self.world - self.numel))
+
+    def unflatten_into(self, flat: torch.Tensor, targets: list[torch.Tensor]) -> None:
+        offset = 0
+        for target in targets:
+            target.copy_(flat[offset:offset + target.numel()].view_as(target))
+            offset += target.numel()
+
+
+class ZeroAdamW:
+    """AdamW whose moments live in slices across ranks; `step` does reduce, clip, update, gather."""
+
+    def __init__(self, buckets: list[Bucket], stage_group: dist.ProcessGroup, data_parallel: int, lr: float,
+                 betas: tuple[float, float], eps: float):
+        self.buckets, self.stage_group, self.data_parallel = buckets, stage_group, data_parallel
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, max_norm: float) -> torch.Tensor:
+        """Reduces the gradients, clips them to `max_norm`, updates; returns the norm before clipping."""
+        squares = torch.zeros((), device=self.buckets[0].grad.device)
+        for bucket in self.buckets:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
+            dist.reduce_scatter_tensor(bucket.grad, bucket.padded(grads), group=bucket.group)
+            bucket.grad.div_(self.data_parallel)
+            squares += bucket.grad.square().sum()
+        dist.all_reduce(squares, group=self.stage_group)  # every slice of every bucket, experts of all ep ranks
+        norm = squares.sqrt()
+        clip = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        self.steps += 1
+        beta1, beta2 = self.betas
+        for bucket in self.buckets:
+            grad = bucket.grad.mul_(clip)
+            full = bucket.padded([p.detach() for p in bucket.params])
+            master = full[bucket.start:bucket.start + bucket.shard]  # this rank's FP32 slice
+            exp_avg = bucket.exp_avg.float().lerp_(grad, 1 - beta1)
+            exp_avg_sq = bucket.exp_avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            bucket.exp_avg.copy_(exp_avg)
+            bucket.exp_avg_sq.copy_(exp_avg_sq)
+            master.mul_(1 - self.lr * bucket.weight_decay)
+            denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** self.steps)).add_(self.eps)
+            master.addcdiv_(exp_avg, denom, value=-self.lr / (1 - beta1 ** self.steps))
+            dist.all_gather_into_tensor(full, master.clone(), group=bucket.group)
+            bucket.unflatten_into(full, [p.data for p in bucket.params])
+            for p in bucket.params:
+                p.grad = None
+        return norm
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for bucket in self.buckets:
+            for p in bucket.params:
+                p.grad = None
+
+    # --- checkpoints: whole per-parameter moments, as torch's optimizers have them ---------------
+
+    def state_dict(self) -> dict:
+        state = {}
+        for bucket in self.buckets:
+            moments = []
+            for local in (bucket.exp_avg, bucket.exp_avg_sq):
+                full = torch.empty(bucket.shard * bucket.world, dtype=local.dtype, device=local.device)
+                dist.all_gather_into_tensor(full, local, group=bucket.group)
+                moments.append(full)
+            offset = 0
+            for name, p in zip(bucket.names, bucket.params):
+                state[name] = {"step": torch.tensor(float(self.steps)),
+                               "exp_avg": moments[0][offset:offset + p.numel()].view_as(p),
+                               "exp_avg_sq": moments[1][offset:offset + p.numel()].view_as(p)}
+                offset += p.numel()
+        return {"state": state, "param_groups": [{"lr": self.lr, "betas": self.betas, "eps": self.eps}]}
+
+    def load_state_dict(self, state: dict) -> None:
+        per_param = state["state"]
+        for bucket in self.buckets:
+            for local, key in ((bucket.exp_avg, "exp_avg"), (bucket.exp_avg_sq, "exp_avg_sq")):
+                full = bucket.padded([per_param[name][key] for name in bucket.names])
+                local.copy_(full[bucket.start:bucket.start + bucket.shard])
+        self.steps = int(next(iter(per_param.values()))["step"])
+
+
+def build_zero_adamw(model: torch.nn.Module, runtime, lr: float, betas: tuple[float, float], eps: float,
+                     weight_decay: float, state_dtype: torch.dtype) -> ZeroAdamW:
+    """Buckets: dense matrices (decayed) and dense gains (not) over the stage; experts over dp."""
+    from .data_parallel import split_parameters
+    from .mesh import stage_group
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    dense, experts = split_parameters(model)
+    stage, dp = stage_group(runtime.mesh), runtime.mesh.get_group("dp")
+    specs = [([p for p in dense if p.dim() >= 2], stage, weight_decay),
+             ([p for p in dense if p.dim() < 2], stage, 0.0),
+             (experts, dp, weight_decay)]
+    buckets = [Bucket([names[id(p)] for p in params], params, group, decay, state_dtype)
+               for params, group, decay in specs if params]
+    return ZeroAdamW(buckets, stage, runtime.layout.data_parallel, lr, betas, eps)
