@@ -7,6 +7,7 @@ It has the interface of TokenLoader: sample i of the global order is a pure func
 """
 import math
 
+import numpy as np
 import torch
 
 
@@ -28,14 +29,19 @@ class SyntheticLoader:
         """The chain's entropy per token in nats: the loss floor a perfect model reaches."""
         return math.log(self.successors.shape[1])
 
-    def sample(self, index: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.first_sample + index) % 2**63)
-        first = torch.randint(self.vocab_size, (1,), generator=generator)
-        choices = torch.randint(self.successors.shape[1], (self.seq_len,), generator=generator)
-        tokens = [first]
-        for choice in choices:
-            tokens.append(self.successors[tokens[-1], choice])
-        return torch.cat(tokens)
+    def samples(self, first: int, count: int) -> torch.Tensor:
+        """Samples first .. first + count - 1 of the order, (count, seq_len + 1) token ids."""
+        starts, choices = [], []
+        for index in range(first, first + count):
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.first_sample + index) % 2**63)
+            starts.append(torch.randint(self.vocab_size, (1,), generator=generator))
+            choices.append(torch.randint(self.successors.shape[1], (self.seq_len,), generator=generator))
+        successors, choices = self.successors.numpy(), torch.stack(choices).numpy()
+        tokens = np.empty((count, self.seq_len + 1), dtype=np.int64)
+        tokens[:, 0] = torch.cat(starts).numpy()
+        for i in range(self.seq_len):  # walk the chain, all samples at once
+            tokens[:, i + 1] = successors[tokens[:, i], choices[:, i]]
+        return torch.from_numpy(tokens)
 
     def next_batch(self, global_batch_size: int) -> torch.Tensor:
         """This rank's (global_batch_size / world_size, seq_len + 1) token ids of the next step."""
@@ -45,7 +51,7 @@ class SyntheticLoader:
         local = global_batch_size // self.world_size
         first = self.samples_seen + self.rank * local
         self.samples_seen += global_batch_size
-        return torch.stack([self.sample(i) for i in range(first, first + local)])
+        return self.samples(first, local)
 
     def state_dict(self) -> dict:
         return {"samples_seen": self.samples_seen}
