@@ -56,6 +56,16 @@ class FeistelPermutation:
         return out.astype(np.int64)
 
 
+def rank_share(samples_seen: int, global_batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(first global sample, count) that `rank` reads of the batch that starts at `samples_seen`:
+    the rank-th contiguous slice, so ranks are disjoint and together complete."""
+    if global_batch_size % world_size:
+        raise ValueError(f"The global batch of {global_batch_size} sequences does not split evenly over "
+                         f"{world_size} data-parallel ranks.")
+    local = global_batch_size // world_size
+    return samples_seen + rank * local, local
+
+
 class TokenLoader:
     def __init__(self, split: SplitStream, seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True):
@@ -90,11 +100,7 @@ class TokenLoader:
 
     def next_batch(self, global_batch_size: int) -> torch.Tensor:
         """This rank's (global_batch_size / world_size, seq_len + 1) token ids of the next step."""
-        if global_batch_size % self.world_size:
-            raise ValueError(f"The global batch of {global_batch_size} sequences does not split evenly over "
-                             f"{self.world_size} data-parallel ranks.")
-        local = global_batch_size // self.world_size
-        first = self.samples_seen + self.rank * local
+        first, local = rank_share(self.samples_seen, global_batch_size, self.rank, self.world_size)
         starts = self.window_starts(np.arange(first, first + local, dtype=np.int64))
         batch = np.stack([self.split.read(s, s + self.seq_len + 1) for s in starts]).astype(np.int64)
         self.samples_seen += global_batch_size

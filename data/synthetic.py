@@ -10,6 +10,8 @@ import math
 import numpy as np
 import torch
 
+from .loader import rank_share
+
 
 class SyntheticLoader:
     def __init__(self, vocab_size: int, branching: int, seq_len: int, seed: int, rank: int = 0,
@@ -45,11 +47,7 @@ class SyntheticLoader:
 
     def next_batch(self, global_batch_size: int) -> torch.Tensor:
         """This rank's (global_batch_size / world_size, seq_len + 1) token ids of the next step."""
-        if global_batch_size % self.world_size:
-            raise ValueError(f"The global batch of {global_batch_size} sequences does not split evenly over "
-                             f"{self.world_size} data-parallel ranks.")
-        local = global_batch_size // self.world_size
-        first = self.samples_seen + self.rank * local
+        first, local = rank_share(self.samples_seen, global_batch_size, self.rank, self.world_size)
         self.samples_seen += global_batch_size
         return self.samples(first, local)
 
