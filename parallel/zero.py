@@ -7,7 +7,7 @@ bucket, one step is:
   2. the global gradient norm from the slices (one all-reduce over the stage) and clipping;
   3. AdamW on slice r only, with slice r's moments, the only moments this rank keeps;
   4. all-gather the updated slices back into every rank's full FP32 parameters.
-Parameters and gradients are views of one flat buffer per bucket, so none of this copies them.
+Parameters are views of one flat buffer per bucket, which the all-gather fills in place.
 Memory for moments falls by the bucket's group size; communication equals one all-reduce.
 Checkpoints store the moments per parameter, whole (see state_dict), so any layout can load them.
 """
@@ -22,8 +22,9 @@ from torch._utils import _flatten_dense_tensors
 
 class Bucket:
     """Parameters of one process group and weight decay, living in one flat FP32 buffer (padded to
-    a multiple of the group size) with a matching flat gradient buffer, so the collectives read
-    and write them without copies. This rank owns slice [start, start + shard) of both."""
+    a multiple of the group size) that the all-gather writes directly. This rank owns slice
+    [start, start + shard). Gradients stay ordinary tensors, freed after each step: a persistent
+    gradient buffer would sit in memory through the next forward and backward, at the peak."""
 
     def __init__(self, names: list[str], params: list[torch.nn.Parameter], group: dist.ProcessGroup,
                  weight_decay: float, state_dtype: torch.dtype):
@@ -34,16 +35,13 @@ class Bucket:
         self.start = self.rank * self.shard
         device = params[0].device
         self.flat = torch.zeros(self.shard * self.world, dtype=torch.float32, device=device)
-        self.flat_grad = torch.zeros_like(self.flat)
         offset = 0
-        for p in params:  # parameters and their gradients become views of the flat buffers
+        for p in params:  # parameters become views of the flat buffer
             self.flat[offset:offset + p.numel()].copy_(p.detach().flatten())
             p.data = self.flat[offset:offset + p.numel()].view_as(p)
-            p.grad = self.flat_grad[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
         self.exp_avg = torch.zeros(self.shard, dtype=state_dtype, device=device)
         self.exp_avg_sq = torch.zeros(self.shard, dtype=state_dtype, device=device)
-        self.grad = torch.zeros(self.shard, dtype=torch.float32, device=device)
 
     def padded(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         flat = _flatten_dense_tensors([t.float() for t in tensors])
@@ -62,18 +60,24 @@ class ZeroAdamW:
     @torch.no_grad()
     def step(self, max_norm: float) -> torch.Tensor:
         """Reduces the gradients, clips them to `max_norm`, updates; returns the norm before clipping."""
-        squares = torch.zeros((), device=self.buckets[0].grad.device)
+        squares = torch.zeros((), device=self.buckets[0].flat.device)
+        grads = []  # this rank's slice of each bucket's summed gradient
         for bucket in self.buckets:
-            dist.reduce_scatter_tensor(bucket.grad, bucket.flat_grad, group=bucket.group)
-            bucket.grad.div_(self.data_parallel)
-            squares += bucket.grad.square().sum()
+            full = bucket.padded([p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params])
+            for p in bucket.params:  # the gradients are in `full` now; free them before the update
+                p.grad = None
+            grad = torch.empty(bucket.shard, dtype=torch.float32, device=full.device)
+            dist.reduce_scatter_tensor(grad, full, group=bucket.group)
+            del full
+            grads.append(grad.div_(self.data_parallel))
+            squares += grad.square().sum()
         dist.all_reduce(squares, group=self.stage_group)  # every slice of every bucket, experts of all ep ranks
         norm = squares.sqrt()
         clip = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         self.steps += 1
         beta1, beta2 = self.betas
-        for bucket in self.buckets:
-            grad = bucket.grad.mul_(clip)
+        for bucket, grad in zip(self.buckets, grads):
+            grad.mul_(clip)
             master = bucket.flat[bucket.start:bucket.start + bucket.shard]  # this rank's FP32 slice
             exp_avg = bucket.exp_avg.float().lerp_(grad, 1 - beta1)
             exp_avg_sq = bucket.exp_avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -83,13 +87,12 @@ class ZeroAdamW:
             denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** self.steps)).add_(self.eps)
             master.addcdiv_(exp_avg, denom, value=-self.lr / (1 - beta1 ** self.steps))
             dist.all_gather_into_tensor(bucket.flat, master.clone(), group=bucket.group)
-        self.zero_grad()
         return norm
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zeroes the flat gradient buffers; the gradients stay their views (never None)."""
         for bucket in self.buckets:
-            bucket.flat_grad.zero_()
+            for p in bucket.params:
+                p.grad = None
 
     # --- checkpoints: whole per-parameter moments, as torch's optimizers have them ---------------
 
