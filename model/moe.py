@@ -140,7 +140,7 @@ class RoutedExperts(nn.Module):
         return self._looped(x, counts)
 
     def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        dtype = compute_dtype(x) if x.is_cuda else x.dtype
+        dtype = compute_dtype(x)
         offsets = counts.cumsum(0).to(torch.int32)
         x = x.to(dtype)
         w1, w2, w3 = self.w1.to(dtype), self.w2.to(dtype), self.w3.to(dtype)
