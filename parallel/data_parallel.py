@@ -60,6 +60,3 @@ class GradientSync:
         factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         torch._foreach_mul_(dense + experts, factor)
         return norm
-
-    def sum_over_stage(self, tensor: torch.Tensor) -> None:
-        dist.all_reduce(tensor, group=self.stage_group)

@@ -19,6 +19,7 @@ class Runtime:
     mesh: DeviceMesh
     rank: int
     data_rank: int  # index among the dp * ep ranks that read different data
+    stage: dist.ProcessGroup  # the dp * ep ranks of this pipeline stage
     sync: GradientSync | None = None  # set once the model exists
 
     @property
@@ -32,13 +33,16 @@ class Runtime:
     def barrier(self) -> None:
         dist.barrier()
 
+    def sum_over_stage(self, tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor, group=self.stage)
+
     def mean_over_data_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         total = tensor.clone()
-        dist.all_reduce(total, group=stage_group(self.mesh))
+        self.sum_over_stage(total)
         return total / self.layout.data_parallel
 
     def attach(self, model: torch.nn.Module) -> None:
-        self.sync = GradientSync(model, stage_group(self.mesh), self.mesh.get_group("dp"), self.ep_group)
+        self.sync = GradientSync(model, self.stage, self.mesh.get_group("dp"), self.ep_group)
 
 
 def world_size() -> int:
@@ -66,7 +70,7 @@ def start(cfg: ParallelConfig, n_routed_experts: int, device_name: str) -> tuple
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     mesh = build_mesh(layout, device.type)
-    return device, Runtime(layout, mesh, dist.get_rank(), data_parallel_rank(mesh))
+    return device, Runtime(layout, mesh, dist.get_rank(), data_parallel_rank(mesh), stage_group(mesh))
 
 
 def stop() -> None:

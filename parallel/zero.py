@@ -125,11 +125,10 @@ def build_zero_adamw(model: torch.nn.Module, runtime, lr: float, betas: tuple[fl
                      weight_decay: float, state_dtype: torch.dtype) -> ZeroAdamW:
     """Buckets: dense matrices (decayed) and dense gains (not) over the stage; experts over dp."""
     from .data_parallel import split_parameters
-    from .mesh import stage_group
 
     names = {id(p): n for n, p in model.named_parameters()}
     dense, experts = split_parameters(model)
-    stage, dp = stage_group(runtime.mesh), runtime.mesh.get_group("dp")
+    stage, dp = runtime.stage, runtime.mesh.get_group("dp")
     specs = [([p for p in dense if p.dim() >= 2], stage, weight_decay),
              ([p for p in dense if p.dim() < 2], stage, 0.0),
              (experts, dp, weight_decay)]

@@ -66,7 +66,7 @@ def parallel_worker(rank, world_size, ep):
         return global_batch(step)[data_rank * per_rank:(data_rank + 1) * per_rank]
 
     def all_reduce(t):
-        sync.sum_over_stage(t)
+        dist.all_reduce(t, group=stage)
 
     losses, grads, biases = train_steps(model, my_batch, sync.reduce, sync.clip_, all_reduce)
     mean_losses = []
@@ -133,7 +133,7 @@ def zero_worker(rank, world_size, ep):
 
     layout = resolve_layout(ParallelConfig(ep=ep), world_size, CFG["n_routed_experts"])
     mesh = build_mesh(layout, "cpu")
-    runtime = Runtime(layout, mesh, rank, data_parallel_rank(mesh))
+    runtime = Runtime(layout, mesh, rank, data_parallel_rank(mesh), stage_group(mesh))
     model = build(runtime.ep_group)
     optimizer = build_zero_adamw(model, runtime, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                  state_dtype=torch.float32)

@@ -262,8 +262,9 @@ class Trainer:
         sum_loads = None
         if self.runtime is not None:
             losses = self.runtime.mean_over_data_ranks(losses)
-            sum_loads = self.runtime.sync.sum_over_stage
-        violation = update_expert_bias(self.routers, self.schedule.bias_update_speed(tokens_after), sum_loads)
+            sum_loads = self.runtime.sum_over_stage
+        bias_update_speed = self.schedule.bias_update_speed(tokens_after)
+        violation = update_expert_bias(self.routers, bias_update_speed, sum_loads)
         self.step += 1
         self.tokens = tokens_after
 
@@ -274,7 +275,7 @@ class Trainer:
             raise FloatingPointError(f"The loss became {total} at step {self.step}; the run stops here.")
         return {"step": self.step, "tokens": self.tokens, "loss": total, "main_loss": main, "mtp_loss": mtp,
                 "balance_loss": balance, "lr": lr, "mtp_weight": mtp_weight,
-                "bias_update_speed": self.schedule.bias_update_speed(tokens_after), "batch_size": batch_size,
+                "bias_update_speed": bias_update_speed, "batch_size": batch_size,
                 "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * self.flop_per_token / self.peak_flops if self.peak_flops else None,
                 "max_violation": max(violation.tolist(), default=0.0),
