@@ -167,28 +167,58 @@ class RoutedExperts(nn.Module):
 
 
 @dataclass
-class Dispatched:
-    tokens: torch.Tensor  # (rows, dim): token copies, grouped by local expert
-    counts: torch.Tensor  # (local experts,): rows per expert
-    restore: torch.Tensor  # permutation that puts expert outputs back in (token, k) order
+class DispatchPlan:
+    """Where each token copy goes and how it comes back. Rows are token copies in the router's
+    (token, k) order; `order` sorts them by global expert, which also groups them by the rank
+    that owns the expert."""
+    order: torch.Tensor  # (tokens * k,): the sort by global expert
+    restore: torch.Tensor  # its inverse
+    k: int
+    local_counts: torch.Tensor  # (local experts,): rows each of this rank's experts receives
+    send_splits: list[int] | None = None  # rows sent to each ep rank (None: a single rank)
+    receive_splits: list[int] | None = None  # rows received from each ep rank
+    regroup: torch.Tensor | None = None  # sorts received rows (by source rank) by local expert
+
+    def sort(self, flat: torch.Tensor) -> torch.Tensor:
+        """(tokens, dim) -> (tokens * k, dim) copies in send order."""
+        return flat[self.order // self.k]
+
+    def to_experts(self, arrived: torch.Tensor) -> torch.Tensor:
+        return arrived if self.regroup is None else arrived[self.regroup]
+
+    def from_experts(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.regroup is None else torch.empty_like(y).index_copy(0, self.regroup, y)
+
+    def combine(self, returned: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Expert outputs back in (token, k) order, summed with the gates: (tokens, dim)."""
+        routed = returned[self.restore].unflatten(0, (-1, self.k))
+        return (routed * gates.unsqueeze(-1).to(routed.dtype)).sum(dim=1)
+
+
+def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order, restore, rows per global expert) for the router's (tokens, k) expert indices."""
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)
+    restore = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return order, restore, torch.bincount(flat, minlength=n_experts)
 
 
 class LocalDispatcher:
-    """Single-process dispatch: sort token copies by expert, and un-sort the outputs."""
+    """Single process: every expert is here, so the exchange moves nothing."""
 
     def __init__(self, n_experts: int):
         self.n_experts = n_experts
 
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor) -> Dispatched:
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)
-        restore = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        counts = torch.bincount(flat, minlength=self.n_experts)
-        return Dispatched(x[order // indices.shape[1]], counts, restore)
+    def plan(self, indices: torch.Tensor) -> DispatchPlan:
+        order, restore, counts = sort_by_expert(indices, self.n_experts)
+        return DispatchPlan(order, restore, indices.shape[1], counts)
 
-    def combine(self, y: torch.Tensor, dispatched: Dispatched, k: int) -> torch.Tensor:
-        """(rows, dim) expert outputs -> (tokens, k, dim) in the router's order."""
-        return y[dispatched.restore].unflatten(0, (-1, k))
+    def exchange(self, rows: torch.Tensor, plan: DispatchPlan, back: bool = False) -> torch.Tensor:
+        return rows
+
+    def start_exchange(self, rows: torch.Tensor, plan: DispatchPlan, back: bool = False):
+        """The exchange outside autograd, returning (result, handle to wait on or None)."""
+        return rows, None
 
 
 class MoE(nn.Module):
@@ -202,7 +232,18 @@ class MoE(nn.Module):
         self.dispatcher = LocalDispatcher(cfg.n_routed_experts)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (batch, seq, dim) -> output (batch, seq, dim) and this layer's sequence balance loss."""
+        """x: (batch, seq, dim) -> output (batch, seq, dim) and this layer's sequence balance loss.
+
+        Three computations joined by the dispatcher's two exchanges (all-to-alls under expert
+        parallelism); a pipeline runs the same three with the exchanges interleaved elsewhere."""
+        routed = self.route(x)
+        arrived = self.dispatcher.exchange(routed.sent, routed.plan)
+        expert_out, shared = self.compute_experts(arrived, routed)
+        returned = self.dispatcher.exchange(expert_out, routed.plan, back=True)
+        return self.finish(returned, routed, shared).view_as(x), routed.balance_loss
+
+    def route(self, x: torch.Tensor) -> "Routed":
+        """Scores, selects, records the load, and sorts the token copies into send order."""
         batch, seq, dim = x.shape
         k = self.cfg.n_activated_experts
         flat = x.reshape(-1, dim)
@@ -213,11 +254,25 @@ class MoE(nn.Module):
         if self.cfg.seq_aux_alpha > 0:
             balance_loss = sequence_balance_loss(scores.view(batch, seq, -1), indices.view(batch, seq, k),
                                                  self.cfg.seq_aux_alpha)
+        plan = self.dispatcher.plan(indices)
+        return Routed(flat, gates, plan.sort(flat), plan, balance_loss)
 
-        dispatched = self.dispatcher.dispatch(flat, indices)
-        expert_out = self.experts(dispatched.tokens, dispatched.counts)
-        routed = self.dispatcher.combine(expert_out, dispatched, k)
-        out = (routed * gates.unsqueeze(-1).to(routed.dtype)).sum(dim=1)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)  # shared output is added unweighted
-        return out.view(batch, seq, dim), balance_loss
+    def compute_experts(self, arrived: torch.Tensor, routed: "Routed") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Routed experts on the rows that arrived (in send order again), and the shared experts."""
+        plan = routed.plan
+        expert_out = plan.from_experts(self.experts(plan.to_experts(arrived), plan.local_counts))
+        shared = self.shared_experts(routed.flat) if self.shared_experts is not None else None
+        return expert_out, shared
+
+    def finish(self, returned: torch.Tensor, routed: "Routed", shared: torch.Tensor | None) -> torch.Tensor:
+        out = routed.plan.combine(returned, routed.gates)
+        return out if shared is None else out + shared  # shared output is added unweighted
+
+
+@dataclass
+class Routed:
+    flat: torch.Tensor  # (tokens, dim) layer input
+    gates: torch.Tensor  # (tokens, k) fp32
+    sent: torch.Tensor  # (tokens * k, dim) token copies in send order
+    plan: DispatchPlan
+    balance_loss: torch.Tensor

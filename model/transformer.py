@@ -28,12 +28,15 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if moe else MLP(cfg.dim, cfg.inter_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = x + self.attn(self.attn_norm(x))
+        h = self.attention(x)
         if isinstance(self.ffn, MoE):
             ffn_out, balance_loss = self.ffn(self.ffn_norm(h))
         else:
             ffn_out, balance_loss = self.ffn(self.ffn_norm(h)), h.new_zeros((), dtype=torch.float32)
         return h + ffn_out, balance_loss
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attn(self.attn_norm(x))
 
 
 class MTPModule(nn.Module):
@@ -79,8 +82,9 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.rope = RotaryEmbedding(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(
-            Block(cfg, self.rope, moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layers))
+        # A dict keyed by the layer's index, so a pipeline stage that keeps some layers keeps their names.
+        self.layers = nn.ModuleDict(
+            {str(i): Block(cfg, self.rope, moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPModule(cfg, self.rope) for _ in range(cfg.mtp_depth))
@@ -94,15 +98,20 @@ class Transformer(nn.Module):
         """
         h = self.embed(tokens)
         balance_loss = h.new_zeros((), dtype=torch.float32)
-        for layer in self.layers:
+        for layer in self.layers.values():
             h, layer_loss = layer(h)
             balance_loss = balance_loss + layer_loss
-        logits = self.head(self.norm(h))
         if targets is None:
-            return logits
-        main_loss = cross_entropy(logits, targets)
+            return self.head(self.norm(h))
+        out = self.losses(h, tokens, targets)
+        out.balance_loss = out.balance_loss + balance_loss
+        return out
 
-        mtp_losses = []
+    def losses(self, h: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
+        """The head of the model: main loss from the last layer's output h, then the MTP modules
+        (whose balance losses the output carries)."""
+        main_loss = cross_entropy(self.head(self.norm(h)), targets)
+        mtp_losses, balance_loss = [], h.new_zeros((), dtype=torch.float32)
         for k, module in enumerate(self.mtp, start=1):
             h, layer_loss = module(h[:, :-1], self.embed(tokens[:, k:]))  # h^{k-1} holds seq-k+1 positions
             balance_loss = balance_loss + layer_loss

@@ -9,24 +9,12 @@ Both exchanges are autograd-aware: backward sends gradients along the reverse ro
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from dsv3.model.moe import MoE, RoutedExperts
+from dsv3.model.moe import DispatchPlan, MoE, RoutedExperts, sort_by_expert
 from dsv3.model.transformer import Transformer
-
-
-@dataclass
-class ExpertParallelDispatched:
-    tokens: torch.Tensor  # (rows, dim): tokens for this rank's experts, grouped by local expert
-    counts: torch.Tensor  # (local experts,): rows per local expert
-    restore: torch.Tensor  # inverse of the sort by global expert on the sending side
-    regroup: torch.Tensor  # the sort of received rows by local expert
-    send_splits: list[int]  # rows sent to each rank
-    receive_splits: list[int]  # rows received from each rank
 
 
 class AllToAllDispatcher:
@@ -36,32 +24,34 @@ class AllToAllDispatcher:
         self.local_experts = n_experts // self.ep
         self.n_experts = n_experts
 
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor) -> ExpertParallelDispatched:
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)
-        restore = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        counts = torch.bincount(flat, minlength=self.n_experts)  # rows for each global expert
+    def plan(self, indices: torch.Tensor) -> DispatchPlan:
+        order, restore, counts = sort_by_expert(indices, self.n_experts)  # rows for each global expert
         # received[s, e]: rows that rank s sends to this rank's local expert e
         received = torch.empty_like(counts)
         dist.all_to_all_single(received, counts, group=self.group)
         received = received.view(self.ep, self.local_experts)
         send_splits = counts.view(self.ep, self.local_experts).sum(1).tolist()
-        receive_splits = received.sum(1).tolist()
-
-        sent = x[order // indices.shape[1]]
-        arrived = all_to_all_single_autograd(sent, receive_splits, send_splits, self.group)
         # Arrived rows are grouped by source rank, then local expert; the GEMM wants local expert first.
         local_expert = torch.repeat_interleave(
-            torch.arange(self.local_experts, device=x.device).repeat(self.ep), received.flatten())
-        regroup = local_expert.argsort(stable=True)
-        return ExpertParallelDispatched(arrived[regroup], received.sum(0), restore, regroup, send_splits,
-                                        receive_splits)
+            torch.arange(self.local_experts, device=indices.device).repeat(self.ep), received.flatten())
+        return DispatchPlan(order, restore, indices.shape[1], received.sum(0), send_splits,
+                            received.sum(1).tolist(), local_expert.argsort(stable=True))
 
-    def combine(self, y: torch.Tensor, dispatched: ExpertParallelDispatched, k: int) -> torch.Tensor:
-        by_source = torch.empty_like(y).index_copy(0, dispatched.regroup, y)  # undo the regrouping
-        returned = all_to_all_single_autograd(by_source, dispatched.send_splits, dispatched.receive_splits,
-                                              self.group)
-        return returned[dispatched.restore].unflatten(0, (-1, k))
+    def _splits(self, plan: DispatchPlan, back: bool) -> tuple[list[int], list[int]]:
+        """(output splits, input splits): dispatch sends send_splits, combine sends them back."""
+        return (plan.send_splits, plan.receive_splits) if back else (plan.receive_splits, plan.send_splits)
+
+    def exchange(self, rows: torch.Tensor, plan: DispatchPlan, back: bool = False) -> torch.Tensor:
+        """Dispatch (or, with back=True, combine) as a differentiable all-to-all."""
+        return all_to_all_single_autograd(rows, *self._splits(plan, back), self.group)
+
+    def start_exchange(self, rows: torch.Tensor, plan: DispatchPlan, back: bool = False):
+        """The same all-to-all outside autograd and asynchronous: (result, handle to wait on)."""
+        output_splits, input_splits = self._splits(plan, back)
+        out = rows.new_empty((sum(output_splits), *rows.shape[1:]))
+        handle = dist.all_to_all_single(out, rows.contiguous(), output_splits, input_splits, group=self.group,
+                                        async_op=True)
+        return out, handle
 
 
 def shard_experts(model: Transformer, group: dist.ProcessGroup) -> None:

@@ -41,7 +41,7 @@ def naive_mla(attn, x):
 
 def test_mla_equals_naive_reference(tiny_cfg):
     model = build(tiny_cfg)
-    attn = model.layers[0].attn
+    attn = model.layers["0"].attn
     x = torch.randn(2, 12, tiny_cfg.dim)
     torch.testing.assert_close(attn(x).double(), naive_mla(attn, x), rtol=1e-4, atol=1e-6)
 
@@ -49,7 +49,7 @@ def test_mla_equals_naive_reference(tiny_cfg):
 def test_mla_without_q_lora(tiny_cfg):
     cfg = ModelConfig(**{**vars(tiny_cfg), "q_lora_rank": 0})
     model = build(cfg)
-    attn = model.layers[0].attn
+    attn = model.layers["0"].attn
     assert not hasattr(attn, "w_dq") and attn.w_q.weight.shape == (cfg.n_heads * cfg.qk_head_dim, cfg.dim)
     out = attn(torch.randn(1, 5, cfg.dim))
     assert out.shape == (1, 5, cfg.dim) and torch.isfinite(out).all()
@@ -75,7 +75,7 @@ def test_mtp_depth_k_predicts_token_i_plus_k_plus_1_without_leaking_it(tiny_cfg)
 
     def mtp_logits(inp):
         h = model.embed(inp)
-        for layer in model.layers:
+        for layer in model.layers.values():
             h, _ = layer(h)
         logits = []
         for k, module in enumerate(model.mtp, start=1):

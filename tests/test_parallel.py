@@ -74,7 +74,7 @@ def parallel_worker(rank, world_size, ep):
         total = loss.clone()
         dist.all_reduce(total)
         mean_losses.append((total / world_size, norm))
-    first = model.layers[1].ffn.experts.first_expert
+    first = model.layers["1"].ffn.experts.first_expert
     return {"losses": mean_losses, "grads": grads, "biases": biases, "first_expert": first}
 
 
@@ -144,7 +144,7 @@ def zero_worker(rank, world_size, ep):
 
     params = adamw_steps(model, my_batch, lambda: optimizer.step(max_norm=0.5))
     moments = optimizer.state_dict()["state"]
-    return {"params": params, "first_expert": model.layers[1].ffn.experts.first_expert,
+    return {"params": params, "first_expert": model.layers["1"].ffn.experts.first_expert,
             "moment_bytes": sum(b.exp_avg.numel() for b in optimizer.buckets) * 4,
             "exp_avg": {n: m["exp_avg"].clone() for n, m in moments.items()}}
 
