@@ -238,9 +238,9 @@ class MoE(nn.Module):
         parallelism); a pipeline runs the same three with the exchanges interleaved elsewhere."""
         routed = self.route(x)
         arrived = self.dispatcher.exchange(routed.sent, routed.plan)
-        expert_out, shared = self.compute_experts(arrived, routed)
+        expert_out, shared = self.compute_experts(arrived, routed.flat, routed.plan)
         returned = self.dispatcher.exchange(expert_out, routed.plan, back=True)
-        return self.finish(returned, routed, shared).view_as(x), routed.balance_loss
+        return self.finish(returned, routed.gates, routed.plan, shared).view_as(x), routed.balance_loss
 
     def route(self, x: torch.Tensor) -> "Routed":
         """Scores, selects, records the load, and sorts the token copies into send order."""
@@ -257,15 +257,16 @@ class MoE(nn.Module):
         plan = self.dispatcher.plan(indices)
         return Routed(flat, gates, plan.sort(flat), plan, balance_loss)
 
-    def compute_experts(self, arrived: torch.Tensor, routed: "Routed") -> tuple[torch.Tensor, torch.Tensor | None]:
+    def compute_experts(self, arrived: torch.Tensor, flat: torch.Tensor,
+                        plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Routed experts on the rows that arrived (in send order again), and the shared experts."""
-        plan = routed.plan
         expert_out = plan.from_experts(self.experts(plan.to_experts(arrived), plan.local_counts))
-        shared = self.shared_experts(routed.flat) if self.shared_experts is not None else None
+        shared = self.shared_experts(flat) if self.shared_experts is not None else None
         return expert_out, shared
 
-    def finish(self, returned: torch.Tensor, routed: "Routed", shared: torch.Tensor | None) -> torch.Tensor:
-        out = routed.plan.combine(returned, routed.gates)
+    def finish(self, returned: torch.Tensor, gates: torch.Tensor, plan: DispatchPlan,
+               shared: torch.Tensor | None) -> torch.Tensor:
+        out = plan.combine(returned, gates)
         return out if shared is None else out + shared  # shared output is added unweighted
 
 

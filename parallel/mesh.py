@@ -51,3 +51,11 @@ def data_parallel_rank(mesh: DeviceMesh) -> int:
 def stage_group(mesh: DeviceMesh) -> dist.ProcessGroup:
     """All dp * ep ranks of this rank's pipeline stage: dense gradients and router loads sum here."""
     return mesh["dp", "ep"]._flatten("dp_ep").get_group()
+
+
+def pipeline_lines(mesh: DeviceMesh) -> tuple[list[list[int]], list[int]]:
+    """Global ranks of every pipeline (one per (dp, ep) position, ordered by stage), and this
+    rank's own."""
+    lines = mesh.mesh.permute(1, 2, 0).reshape(-1, mesh.mesh.shape[0]).tolist()
+    me = dist.get_rank()
+    return lines, next(line for line in lines if me in line)
