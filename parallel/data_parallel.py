@@ -35,10 +35,14 @@ def _all_reduce_(tensors: list[torch.Tensor], group: dist.ProcessGroup, scale: f
 
 class GradientSync:
     def __init__(self, model: torch.nn.Module, stage_group: dist.ProcessGroup, dp_group: dist.ProcessGroup,
-                 ep_group: dist.ProcessGroup):
+                 ep_group: dist.ProcessGroup, pp_group: dist.ProcessGroup | None = None,
+                 copies: dict[str, int] | None = None):
         self.dense, self.experts = split_parameters(model)
-        self.stage_group, self.dp_group, self.ep_group = stage_group, dp_group, ep_group
+        self.stage_group, self.dp_group, self.ep_group, self.pp_group = stage_group, dp_group, ep_group, pp_group
         self.data_parallel = dist.get_world_size(stage_group)
+        # a parameter held by k pipeline ranks counts 1/k on each in the global norm
+        copies = copies or {}
+        self.weight = {id(p): 1.0 / copies.get(name, 1) for name, p in model.named_parameters()}
 
     @torch.no_grad()
     def reduce(self) -> None:
@@ -48,15 +52,20 @@ class GradientSync:
 
     @torch.no_grad()
     def clip_(self, max_norm: float) -> torch.Tensor:
-        """Clips to a global norm over every parameter of the model (experts of all ep ranks
-        included); returns the norm before clipping."""
+        """Clips to a global norm over every parameter of the model (experts of all ep ranks and
+        layers of all pipeline ranks included); returns the norm before clipping."""
         dense = [p.grad for p in self.dense if p.grad is not None]
         experts = [p.grad for p in self.experts if p.grad is not None]
-        squares = torch.stack([torch.linalg.vector_norm(g).square() for g in dense]).sum()
-        expert_squares = (torch.stack([torch.linalg.vector_norm(g).square() for g in experts]).sum()
+        squares = torch.stack([torch.linalg.vector_norm(p.grad).square() * self.weight[id(p)]
+                               for p in self.dense if p.grad is not None]).sum()
+        expert_squares = (torch.stack([torch.linalg.vector_norm(p.grad).square() * self.weight[id(p)]
+                                       for p in self.experts if p.grad is not None]).sum()
                           if experts else torch.zeros_like(squares))
         dist.all_reduce(expert_squares, group=self.ep_group)  # each ep rank holds different experts
-        norm = (squares + expert_squares).sqrt()
+        squares = squares + expert_squares
+        if self.pp_group is not None:  # each pipeline rank holds different layers
+            dist.all_reduce(squares, group=self.pp_group)
+        norm = squares.sqrt()
         factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         torch._foreach_mul_(dense + experts, factor)
         return norm

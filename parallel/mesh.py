@@ -25,6 +25,10 @@ class Layout:
     def data_parallel(self) -> int:
         return self.dp * self.ep
 
+    @property
+    def world(self) -> int:
+        return self.pp * self.dp * self.ep
+
 
 def resolve_layout(cfg: ParallelConfig, world_size: int, n_routed_experts: int) -> Layout:
     """The layout for `world_size` ranks, or one sentence saying why it cannot be."""

@@ -41,8 +41,22 @@ class Runtime:
         self.sum_over_stage(total)
         return total / self.layout.data_parallel
 
-    def attach(self, model: torch.nn.Module) -> None:
-        self.sync = GradientSync(model, self.stage, self.mesh.get_group("dp"), self.ep_group)
+    @property
+    def pp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("pp")
+
+    @property
+    def pp_rank(self) -> int:
+        return self.mesh.get_local_rank("pp")
+
+    def sum_over_pipeline(self, tensor: torch.Tensor) -> None:
+        if self.layout.pp > 1:
+            dist.all_reduce(tensor, group=self.pp_group)
+
+    def attach(self, model: torch.nn.Module, copies: dict[str, int] | None = None) -> None:
+        """copies: parameter name -> pipeline ranks holding it (for the global gradient norm)."""
+        self.sync = GradientSync(model, self.stage, self.mesh.get_group("dp"), self.ep_group,
+                                 self.pp_group if self.layout.pp > 1 else None, copies)
 
 
 def world_size() -> int:
@@ -54,9 +68,6 @@ def start(cfg: ParallelConfig, n_routed_experts: int, device_name: str) -> tuple
     runtime (None for a single process). Checks the layout against the world size first."""
     world = world_size()
     layout = resolve_layout(cfg, world, n_routed_experts)
-    if layout.pp > 1:
-        raise ValueError(f"parallel.pp={layout.pp}: pipeline parallelism is not available in this version; "
-                         "use parallel.pp=1.")
     if world == 1:
         return None, None
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -26,7 +26,7 @@ import argparse
 from collections import deque
 from dataclasses import dataclass, field
 
-SCHEDULES = ("1f1b", "zbv", "dualpipev", "dualpipe")
+from .config import SCHEDULES
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,9 @@ class Bucket:
     gradient buffer would sit in memory through the next forward and backward, at the peak."""
 
     def __init__(self, names: list[str], params: list[torch.nn.Parameter], group: dist.ProcessGroup,
-                 weight_decay: float, state_dtype: torch.dtype):
+                 weight_decay: float, state_dtype: torch.dtype, copies: int = 1):
         self.names, self.params, self.group, self.weight_decay = names, params, group, weight_decay
+        self.copies = copies  # pipeline ranks holding these parameters (counted once in the norm)
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.numel = sum(p.numel() for p in params)
         self.shard = math.ceil(self.numel / self.world)
@@ -52,8 +53,9 @@ class ZeroAdamW:
     """AdamW whose moments live in slices across ranks; `step` does reduce, clip, update, gather."""
 
     def __init__(self, buckets: list[Bucket], stage_group: dist.ProcessGroup, data_parallel: int, lr: float,
-                 betas: tuple[float, float], eps: float):
+                 betas: tuple[float, float], eps: float, pp_group: dist.ProcessGroup | None = None):
         self.buckets, self.stage_group, self.data_parallel = buckets, stage_group, data_parallel
+        self.pp_group = pp_group
         self.lr, self.betas, self.eps = lr, betas, eps
         self.steps = 0
 
@@ -70,8 +72,10 @@ class ZeroAdamW:
             dist.reduce_scatter_tensor(grad, full, group=bucket.group)
             del full
             grads.append(grad.div_(self.data_parallel))
-            squares += grad.square().sum()
+            squares += grad.square().sum() / bucket.copies
         dist.all_reduce(squares, group=self.stage_group)  # every slice of every bucket, experts of all ep ranks
+        if self.pp_group is not None:
+            dist.all_reduce(squares, group=self.pp_group)  # every pipeline rank's layers
         norm = squares.sqrt()
         clip = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         self.steps += 1
@@ -122,16 +126,22 @@ class ZeroAdamW:
 
 
 def build_zero_adamw(model: torch.nn.Module, runtime, lr: float, betas: tuple[float, float], eps: float,
-                     weight_decay: float, state_dtype: torch.dtype) -> ZeroAdamW:
-    """Buckets: dense matrices (decayed) and dense gains (not) over the stage; experts over dp."""
+                     weight_decay: float, state_dtype: torch.dtype, copies: dict[str, int] | None = None) -> ZeroAdamW:
+    """Buckets: dense matrices (decayed) and dense gains (not) over the stage; experts over dp;
+    each split by how many pipeline ranks hold the parameters (`copies`, by name)."""
     from .data_parallel import split_parameters
 
+    copies = copies or {}
     names = {id(p): n for n, p in model.named_parameters()}
     dense, experts = split_parameters(model)
     stage, dp = runtime.stage, runtime.mesh.get_group("dp")
     specs = [([p for p in dense if p.dim() >= 2], stage, weight_decay),
              ([p for p in dense if p.dim() < 2], stage, 0.0),
              (experts, dp, weight_decay)]
-    buckets = [Bucket([names[id(p)] for p in params], params, group, decay, state_dtype)
-               for params, group, decay in specs if params]
-    return ZeroAdamW(buckets, stage, runtime.layout.data_parallel, lr, betas, eps)
+    buckets = []
+    for params, group, decay in specs:
+        for k in sorted({copies.get(names[id(p)], 1) for p in params}):
+            chosen = [p for p in params if copies.get(names[id(p)], 1) == k]
+            buckets.append(Bucket([names[id(p)] for p in chosen], chosen, group, decay, state_dtype, k))
+    pp_group = runtime.pp_group if runtime.layout.pp > 1 else None
+    return ZeroAdamW(buckets, stage, runtime.layout.data_parallel, lr, betas, eps, pp_group)

@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -27,7 +28,10 @@ from dsv3.model import ModelConfig, Transformer, count, update_expert_bias
 from dsv3.parallel import runtime as parallel_runtime
 from dsv3.parallel.expert_parallel import (expert_tensors, join_experts, join_optimizer_experts, shard_experts,
                                            split_experts, split_optimizer_experts)
+from dsv3.parallel.mesh import pipeline_lines
+from dsv3.parallel.pipeline import Cut, Pipeline, Replicas, StageLinks, build_stage_module, split_layers
 from dsv3.parallel.runtime import Runtime
+from dsv3.parallel.schedules import Placement, validate
 from dsv3.parallel.zero import ZeroAdamW, build_zero_adamw
 
 from .checkpoint import Checkpointer
@@ -60,11 +64,12 @@ def peak_flops(device: torch.device, configured_tflops: float) -> float | None:
     return None
 
 
-def build_model(cfg: ModelConfig, device: torch.device, seed: int, runtime: Runtime | None = None) -> Transformer:
-    """Construct on the meta device (no memory), apply expert parallelism, then allocate on
-    `device` and initialise."""
+def build_model(cfg: ModelConfig, device: torch.device, seed: int, runtime: Runtime | None = None,
+                cut: Cut | None = None) -> Transformer:
+    """Construct on the meta device (no memory), keep this rank's pipeline stages, apply expert
+    parallelism, then allocate on `device` and initialise."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg) if cut is None else build_stage_module(cfg, cut, runtime.pp_rank)
         if runtime is not None and runtime.layout.ep > 1:
             shard_experts(model, runtime.ep_group)
     model.to_empty(device=device)
@@ -128,6 +133,9 @@ class Trainer:
         if not self.is_main:
             logging.getLogger("dsv3").setLevel(logging.WARNING)
         self.run_dir = Path(tc.run_dir)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else nullcontext())
+        self.cut = self._cut()
         self.model = self._model()
         self.optimizer = self._optimizer()
         self.loader = build_loader(cfg.data, cfg.model, cfg.seed, runtime=self.runtime)
@@ -141,15 +149,31 @@ class Trainer:
         counts = count(cfg.model, cfg.data.seq_len)
         self.flop_per_token = counts.flop_per_token + counts.mtp_flop_per_token
         self.peak_flops = peak_flops(self.device, tc.peak_tflops)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                         else nullcontext())
+        if self.cut is not None:  # every micro-batch count of the run must suit the schedule
+            for batch_size in {self.schedule.batch_size(0), self.schedule.batch_size(math.inf)}:
+                validate(cfg.parallel.schedule, self.runtime.layout.pp,
+                         batch_size // (tc.micro_batch_size * self.data_parallel))
 
+    def _cut(self) -> Cut | None:
+        if self.runtime is None or self.runtime.layout.pp == 1:
+            return None
+        placement = Placement(self.cfg.parallel.schedule, self.runtime.layout.pp)
+        layers = split_layers(self.cfg.model.n_layers, placement.n_model_stages, self.cfg.parallel.stage_layers)
+        return Cut(placement, layers, mtp=self.cfg.model.mtp_depth > 0)
     def _model(self) -> Transformer:
-        model = build_model(self.cfg.model, self.device, self.cfg.seed, self.runtime)
+        model = build_model(self.cfg.model, self.device, self.cfg.seed, self.runtime, self.cut)
         model.train()
         self.routers = model.routers()
+        self.pipeline = self.replicas = None
+        if self.cut is not None:
+            lines, line = pipeline_lines(self.runtime.mesh)
+            self.replicas = Replicas(model, self.cut, lines, line)
+            autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.device.type == "cuda"
+                        else nullcontext)
+            self.pipeline = Pipeline(model, self.cut, self.runtime.pp_rank, StageLinks(self.cut.placement, lines, line),
+                                     self.cfg.parallel.overlap, autocast)
         if self.runtime is not None:
-            self.runtime.attach(model)
+            self.runtime.attach(model, self.replicas.copies if self.replicas else None)
         return model
 
     def _optimizer(self) -> torch.optim.Optimizer | ZeroAdamW:
@@ -158,7 +182,7 @@ class Trainer:
         if self.runtime is not None and self.cfg.parallel.zero:
             state_dtype = torch.bfloat16 if tc.adam_state_dtype == "bfloat16" else torch.float32
             return build_zero_adamw(self.model, self.runtime, tc.schedule.lr, betas, tc.eps, tc.weight_decay,
-                                    state_dtype)
+                                    state_dtype, self.replicas.copies if self.replicas else None)
         return build_optimizer(self.model, tc.schedule.lr, betas, tc.eps, tc.weight_decay, tc.adam_state_dtype,
                                self.device)
 
@@ -241,14 +265,7 @@ class Trainer:
         else:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-        losses = torch.zeros(4, device=self.device)  # total, main, mtp, balance; mean over micro-batches
-        for _ in range(micro_batches):
-            batch = self.loader.next_batch(tc.micro_batch_size * self.data_parallel).to(self.device, non_blocking=True)
-            with self.autocast:
-                out = self.model(batch[:, :-1], batch[:, 1:])
-                loss = out.total(mtp_weight)
-            (loss / micro_batches).backward()
-            losses += torch.stack([loss, out.main_loss, out.mtp_loss, out.balance_loss]).detach() / micro_batches
+        losses = self._forward_backward(micro_batches, mtp_weight)
         if self.zero:  # reduce-scatter, clip, update its slice, all-gather
             grad_norm = self.optimizer.step(tc.grad_clip)
         else:
@@ -262,25 +279,67 @@ class Trainer:
         sum_loads = None
         if self.runtime is not None:
             losses = self.runtime.mean_over_data_ranks(losses)
-            sum_loads = self.runtime.sum_over_stage
+            sum_loads = self._sum_loads
         bias_update_speed = self.schedule.bias_update_speed(tokens_after)
-        violation = update_expert_bias(self.routers, bias_update_speed, sum_loads)
+        violation = self._all_layers(update_expert_bias(self.routers, bias_update_speed, sum_loads))
         self.step += 1
         self.tokens = tokens_after
 
-        total, main, mtp, balance = losses.tolist()  # waits for the device
+        main, mtp, balance = losses.tolist()
+        total = main + mtp_weight * mtp + balance  # waits for the device
         seconds = time.perf_counter() - start
         tokens_per_s = batch_size * seq_len / seconds
+        world = self.runtime.layout.world if self.runtime else 1
         if not math.isfinite(total):
             raise FloatingPointError(f"The loss became {total} at step {self.step}; the run stops here.")
         return {"step": self.step, "tokens": self.tokens, "loss": total, "main_loss": main, "mtp_loss": mtp,
                 "balance_loss": balance, "lr": lr, "mtp_weight": mtp_weight,
                 "bias_update_speed": bias_update_speed, "batch_size": batch_size,
                 "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
-                "mfu": tokens_per_s * self.flop_per_token / self.peak_flops if self.peak_flops else None,
+                "mfu": tokens_per_s * self.flop_per_token / (self.peak_flops * world) if self.peak_flops else None,
                 "max_violation": max(violation.tolist(), default=0.0),
                 "max_violation_per_layer": violation.tolist(), "peak_memory_gib": self._peak_memory_gib(),
                 "step_seconds": seconds}
+
+    def _forward_backward(self, micro_batches: int, mtp_weight: float) -> torch.Tensor:
+        """Gradients of the mean loss over the step's micro-batches in .grad; returns this rank's
+        (main, mtp, balance) losses, summed over pipeline stages."""
+        tc = self.cfg.train
+        batches = [self.loader.next_batch(tc.micro_batch_size * self.data_parallel).to(self.device, non_blocking=True)
+                   for _ in range(micro_batches)]
+        if self.pipeline is not None:
+            losses = self.pipeline.train_step([(b[:, :-1], b[:, 1:]) for b in batches], mtp_weight)
+            self.replicas.sum_gradients()
+            self.runtime.sum_over_pipeline(losses)
+            return losses
+        losses = torch.zeros(3, device=self.device)
+        for batch in batches:
+            with self.autocast:
+                out = self.model(batch[:, :-1], batch[:, 1:])
+                loss = out.total(mtp_weight)
+            (loss / micro_batches).backward()
+            losses += torch.stack([out.main_loss, out.mtp_loss, out.balance_loss]).detach() / micro_batches
+        return losses
+
+    def _sum_loads(self, loads: torch.Tensor) -> None:
+        """Router loads over every rank that routes tokens through the same layers."""
+        self.runtime.sum_over_stage(loads)
+        if self.replicas is not None:
+            self.replicas.sum_router_loads(loads)
+
+    def _all_layers(self, violation: torch.Tensor) -> torch.Tensor:
+        """Per-layer values of this rank's routers -> values of every router of the model (each
+        pipeline rank holds some layers)."""
+        if self.cut is None:
+            return violation
+        names = [name for name, m in self.model.named_modules() if name.endswith("router")]
+        with torch.device("meta"):
+            every_name = [name for name, m in Transformer(self.cfg.model).named_modules() if name.endswith("router")]
+        every = torch.zeros(len(every_name), device=violation.device)
+        for name, value in zip(names, violation.to(every.device)):
+            every[every_name.index(name)] = value
+        dist.all_reduce(every, op=dist.ReduceOp.MAX, group=self.runtime.pp_group)
+        return every
 
     def _peak_memory_gib(self) -> float:
         if self.device.type == "cuda":
@@ -298,11 +357,16 @@ class Trainer:
             log.warning("no validation: %s", error)
             return {}
         self.model.eval()
-        total = torch.zeros((), device=self.device)
-        for _ in range(tc.eval_batches):
-            batch = loader.next_batch(tc.micro_batch_size * self.data_parallel).to(self.device)
-            with self.autocast:
-                total += self.model(batch[:, :-1], batch[:, 1:]).main_loss.float()
+        batches = [loader.next_batch(tc.micro_batch_size * self.data_parallel).to(self.device)
+                   for _ in range(tc.eval_batches)]
+        if self.pipeline is not None:
+            total = self.pipeline.evaluate([(b[:, :-1], b[:, 1:]) for b in batches])
+            self.runtime.sum_over_pipeline(total)
+        else:
+            total = torch.zeros((), device=self.device)
+            for batch in batches:
+                with self.autocast:
+                    total += self.model(batch[:, :-1], batch[:, 1:]).main_loss.float()
         self.model.train()
         if self.runtime is not None:
             total = self.runtime.mean_over_data_ranks(total)
