@@ -13,6 +13,7 @@ kernels ran on another stream (hidden). Rank 0 prints one JSON line per schedule
 keeps rank 0's chrome traces.
 """
 import argparse
+import faulthandler
 import json
 import os
 import time
@@ -88,9 +89,12 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--trace-dir", default="")
+    parser.add_argument("--runs", default=",".join(f"{s}{'-overlap' if o else ''}" for s, o in RUNS),
+                        help="comma-separated subset, e.g. dualpipev,dualpipev-overlap")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides of the model, e.g. model.n_layers=4")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    cfg: ModelConfig = OmegaConf.to_object(compose([f"model={args.model}"]).model)
+    cfg: ModelConfig = OmegaConf.to_object(compose([f"model={args.model}", *args.overrides]).model)
     device, runtime = start(ParallelConfig(pp=args.pp, ep=args.ep), cfg.n_routed_experts, "cuda")
     cuda = device.type == "cuda"  # (on CPU the script runs as a smoke test; the figures need GPUs)
     lines, line = pipeline_lines(runtime.mesh)
@@ -101,12 +105,16 @@ def main() -> None:
     micro = [(t[:, :-1], t[:, 1:]) for t in micro]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     tokens = args.micro_batches * args.micro_batch * cfg.max_seq_len * runtime.layout.data_parallel
+    chosen = args.runs.split(",")
     for schedule, overlap in RUNS:
+        if f"{schedule}{'-overlap' if overlap else ''}" not in chosen:
+            continue
+        faulthandler.dump_traceback_later(150, exit=True)  # a hung collective shows where it hangs
         placement = Placement(schedule, args.pp)
         cut = Cut(placement, split_layers(cfg.n_layers, placement.n_model_stages, []), mtp=cfg.mtp_depth > 0)
         model = build_model(cfg, device, 0, runtime, cut)
         replicas = Replicas(model, cut, lines, line)
-        pipe = Pipeline(model, cut, runtime.pp_rank, StageLinks(placement, lines, line), overlap, autocast)
+        pipe = Pipeline(model, cut, runtime.pp_rank, StageLinks(placement, lines, line, device), overlap, autocast)
 
         def step():
             losses = pipe.train_step(micro, 0.3)

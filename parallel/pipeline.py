@@ -309,7 +309,7 @@ def run_interleaved(first: Iterator, second: Iterator) -> None:
 class StageLinks:
     """Sends and receives between pipeline ranks on dedicated 2-rank groups (see module doc)."""
 
-    def __init__(self, placement: Placement, pp_lines: list[list[int]], my_line: list[int]):
+    def __init__(self, placement: Placement, pp_lines: list[list[int]], my_line: list[int], device: torch.device):
         links = set()
         for v in range(placement.n_stages):
             nxt = placement.next(v)
@@ -322,6 +322,16 @@ class StageLinks:
                 group = dist.new_group([line[src], line[dst]])
                 if line == my_line:
                     self.groups[src, dst, kind] = group
+        # NCCL sets up a pair's point-to-point channel at its first send or receive, which blocks
+        # until the peer gets there too: with two ranks that each start by sending (DualPipe) both
+        # would wait forever. Set every link up now, in one order.
+        me = my_line.index(dist.get_rank())
+        probe = torch.zeros(1, device=device)
+        for src, dst, kind in sorted(self.groups):
+            if me == src:
+                dist.send(probe, dst=my_line[dst], group=self.groups[src, dst, kind])
+            elif me == dst:
+                dist.recv(probe, src=my_line[src], group=self.groups[src, dst, kind])
         self.line = my_line
         self.pending_sends: list = []
 

@@ -57,7 +57,7 @@ def pipeline_worker(rank, world_size, schedule, ep, overlap):
     model.to_empty(device="cpu")
     model.init_weights(seed=0)
     lines, line = pipeline_lines(mesh)
-    pipe = Pipeline(model, cut, pp_rank, StageLinks(placement, lines, line), overlap)
+    pipe = Pipeline(model, cut, pp_rank, StageLinks(placement, lines, line, torch.device("cpu")), overlap)
     replicas = Replicas(model, cut, lines, line)
     data_rank = data_parallel_rank(mesh)
     micro = [(t[:, :-1], t[:, 1:]) for t in batch(data_rank, layout.data_parallel)]

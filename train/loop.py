@@ -170,7 +170,7 @@ class Trainer:
             self.replicas = Replicas(model, self.cut, lines, line)
             autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.device.type == "cuda"
                         else nullcontext)
-            self.pipeline = Pipeline(model, self.cut, self.runtime.pp_rank, StageLinks(self.cut.placement, lines, line),
+            self.pipeline = Pipeline(model, self.cut, self.runtime.pp_rank, StageLinks(self.cut.placement, lines, line, self.device),
                                      self.cfg.parallel.overlap, autocast)
         if self.runtime is not None:
             self.runtime.attach(model, self.replicas.copies if self.replicas else None)
