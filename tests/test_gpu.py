@@ -57,3 +57,49 @@ def test_tiny_model_on_gpu_matches_cpu():
         out = gpu_model(gpu_tokens[:, :-1], gpu_tokens[:, 1:])
     assert out.main_loss.item() == pytest.approx(reference.main_loss.item(), rel=1e-2)
     assert out.mtp_loss.item() == pytest.approx(reference.mtp_loss.item(), rel=1e-2)
+
+
+def _fp8_data(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * torch.exp(torch.randn(*shape[:-1], 1, generator=g))
+
+
+def test_fp8_triton_kernels_equal_the_reference_on_gpu():
+    from dsv3.fp8 import kernels, quant
+
+    x, w = _fp8_data(300, 700).cuda(), _fp8_data(200, 260, seed=1).cuda()
+    for power_of_two in (False, True):
+        pairs = [(kernels.quantize_tiles(x, power_of_two), quant.quantize_tiles(x, power_of_two)),
+                 (kernels.quantize_tiles_transposed(x, power_of_two), quant.quantize_tiles(x.t(), power_of_two)),
+                 (kernels.quantize_blocks(w, power_of_two), quant.quantize_blocks(w, power_of_two))]
+        for (q, s), (q_ref, s_ref) in pairs:
+            torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+            assert torch.equal(q.float(), q_ref.float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="cuBLASLt blockwise FP8 needs Hopper")
+def test_fp8_cublas_gemms_equal_the_emulation():
+    from dsv3.fp8 import gemm, quant
+
+    a, b = _fp8_data(300, 640, seed=2).cuda(), _fp8_data(400, 640, seed=3).cuda()
+    a_q, a_s = quant.quantize_tiles(a)
+    for b_q, b_s, blocks in [(*quant.quantize_blocks(b), True), (*quant.quantize_tiles(b), False)]:
+        assert gemm.cublas_supported(a_q)
+        out = gemm.gemm(a_q, a_s, b_q, b_s, blocks, torch.float32)[:, :400]
+        reference = gemm.emulate(a_q.cpu(), a_s.cpu(), b_q.cpu(), b_s.cpu(), blocks)[:, :400]
+        assert relative_error(out.cpu(), reference) < 4e-3  # cuBLASLt's output is BF16
+
+
+def test_fp8_linear_on_gpu_equals_the_cpu_emulation():
+    from dsv3.fp8.linear import FP8LinearFunction
+
+    x, w, dy = _fp8_data(260, 384, seed=4), _fp8_data(200, 384, seed=5) * 0.05, _fp8_data(260, 200, seed=6)
+    results = []
+    for device in ("cpu", "cuda"):
+        xd, wd = x.to(device).requires_grad_(), w.to(device).requires_grad_()
+        y = FP8LinearFunction.apply(xd, wd, torch.float32, False)
+        y.backward(dy.to(device))
+        results.append([t.detach().cpu() for t in (y, xd.grad, wd.grad)])
+    for cpu, gpu in zip(*results):
+        assert relative_error(gpu, cpu) < 4e-3

@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from dsv3.data.config import DataConfig
+from dsv3.fp8 import FP8Config
 from dsv3.model.config import ModelConfig
 from dsv3.parallel.config import ParallelConfig
 
@@ -104,6 +105,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -24,6 +24,7 @@ from dsv3.data.config import DataConfig
 from dsv3.data.loader import TokenLoader
 from dsv3.data.prepare import open_store
 from dsv3.data.synthetic import SyntheticLoader
+from dsv3.fp8 import FP8Config, convert as convert_to_fp8
 from dsv3.model import ModelConfig, Transformer, count, update_expert_bias
 from dsv3.parallel import runtime as parallel_runtime
 from dsv3.parallel.expert_parallel import (expert_tensors, join_experts, join_optimizer_experts, shard_experts,
@@ -65,15 +66,17 @@ def peak_flops(device: torch.device, configured_tflops: float) -> float | None:
 
 
 def build_model(cfg: ModelConfig, device: torch.device, seed: int, runtime: Runtime | None = None,
-                cut: Cut | None = None) -> Transformer:
+                cut: Cut | None = None, fp8: FP8Config | None = None) -> Transformer:
     """Construct on the meta device (no memory), keep this rank's pipeline stages, apply expert
-    parallelism, then allocate on `device` and initialise."""
+    parallelism, then allocate on `device`, initialise, and turn the FP8 layers on."""
     with torch.device("meta"):
         model = Transformer(cfg) if cut is None else build_stage_module(cfg, cut, runtime.pp_rank)
         if runtime is not None and runtime.layout.ep > 1:
             shard_experts(model, runtime.ep_group)
     model.to_empty(device=device)
     model.init_weights(seed)
+    if fp8 is not None and fp8.enabled:
+        convert_to_fp8(model, fp8)
     return model
 
 
@@ -161,7 +164,7 @@ class Trainer:
         layers = split_layers(self.cfg.model.n_layers, placement.n_model_stages, self.cfg.parallel.stage_layers)
         return Cut(placement, layers, mtp=self.cfg.model.mtp_depth > 0)
     def _model(self) -> Transformer:
-        model = build_model(self.cfg.model, self.device, self.cfg.seed, self.runtime, self.cut)
+        model = build_model(self.cfg.model, self.device, self.cfg.seed, self.runtime, self.cut, self.cfg.fp8)
         model.train()
         self.routers = model.routers()
         self.pipeline = self.replicas = None
