@@ -7,7 +7,8 @@
 
 On Hopper (compute capability 9.0+) both run on cuBLASLt through `torch._scaled_mm`, which picks
 BlockWise1x128 / BlockWise128x128 from the scales' shapes, laid out as it requires: 1x128 scales
-outer-dim-major, M padded to a multiple of 4 and the K blocks to a multiple of 4. cuBLASLt gives
+outer-dim-major with M padded to a multiple of 4, 128x128 scales K-major, and K zero-padded to a
+multiple of 4 blocks (512). cuBLASLt gives
 these modes a BF16 output only, so its results are BF16 before any cast to `out_dtype`. Elsewhere
 `emulate` computes the same thing exactly as defined: E4M3 products summed in FP32 over each
 128-wide K group, multiplied by the two scales of that group, and summed in FP32.
@@ -40,16 +41,25 @@ def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, extra)) if extra else t
 
 
+def _pad_k(t: torch.Tensor, scale: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pads E4M3 rows to k columns and their 1x128 scales with ones."""
+    if t.shape[1] == k:
+        return t, scale
+    wide = torch.zeros((t.shape[0], k), dtype=t.dtype, device=t.device)
+    wide[:, :t.shape[1]] = t
+    return wide, F.pad(scale, (0, k // TILE - scale.shape[1]), value=1.0)
+
+
 def _cublas(a, a_scale, b, b_scale, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    m = a.shape[0]
-    a, a_scale = _pad_rows(a, 4), _pad_rows(a_scale, 4)
+    m, n = a.shape[0], b.shape[0]
+    k = -(-a.shape[1] // (4 * TILE)) * 4 * TILE  # cuBLASLt wants the K blocks in fours
+    a, a_scale = _pad_k(_pad_rows(a, 4), _pad_rows(a_scale, 4), k)
     a_scale = a_scale.t().contiguous().t()  # outer-dim-major
-    n = b.shape[0]
     if b_blocks:
-        groups = b_scale.shape[1]
-        b_scale = F.pad(b_scale, (0, -groups % 4)).t()  # (K/128, N/128), K blocks padded to 4
+        b, _ = _pad_k(b, b_scale, k)
+        b_scale = F.pad(b_scale, (0, k // TILE - b_scale.shape[1]), value=1.0).t()  # (K/128, N/128), K-major
     else:
-        b, b_scale = _pad_rows(b, 4), _pad_rows(b_scale, 4)
+        b, b_scale = _pad_k(_pad_rows(b, 4), _pad_rows(b_scale, 4), k)
         b_scale = b_scale.t().contiguous().t().t()  # (K/128, N), outer-dim-major
     out = torch._scaled_mm(a, b.t(), a_scale, b_scale, out_dtype=torch.bfloat16)
     return out[:m, :n].to(out_dtype)

@@ -162,7 +162,7 @@ def test_triton_kernels_match_the_reference_under_the_interpreter():
 
 def test_tiny_recipe_trains_in_fp8(tmp_path):
     """precision=fp8 (emulated on the CPU) learns the synthetic chain like the baseline: the same
-    first loss to 0.2%, and after 60 steps within 2% of the BF16 recipe's loss."""
+    first loss to 0.2%, and over its last 10 of 30 steps within 2% of the BF16 recipe's loss."""
     from omegaconf import OmegaConf
 
     from dsv3.train.config import compose
@@ -171,7 +171,7 @@ def test_tiny_recipe_trains_in_fp8(tmp_path):
     def run(precision):
         cfg = compose([f"train.run_dir={tmp_path / precision}", "train.device=cpu", "data=synthetic",
                        "train.wandb.mode=disabled", "train.eval_every=0", "train.checkpoint_every=0",
-                       "train.steps=60", f"precision={precision}"])
+                       "train.steps=30", f"precision={precision}"])
         trainer = Trainer(OmegaConf.to_object(cfg))
         assert any(isinstance(m, FP8Linear) for m in trainer.model.modules()) == (precision == "fp8")
         return [r["main_loss"] for r in trainer.run()]
