@@ -33,6 +33,7 @@ setup(
     entry_points={
         "console_scripts": [
             "dsv3-train = dsv3.train.__main__:main",
+            "dsv3-launch = dsv3.launch.__main__:main",
         ],
     },
 )

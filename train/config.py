@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from dsv3.data.config import DataConfig
 from dsv3.fp8 import FP8Config
+from dsv3.launch.config import ClusterConfig
 from dsv3.model.config import ModelConfig
 from dsv3.parallel.config import ParallelConfig
 
@@ -106,6 +107,7 @@ class Config:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -122,11 +124,20 @@ def register() -> None:
     ConfigStore.instance().store(name="dsv3_schema", node=Config)
 
 
-def compose(overrides: list[str]) -> DictConfig:
+def compose(overrides: list[str], resolve: bool = False) -> DictConfig:
     """The recipe with command-line style overrides, composed as the trainer would, without
-    starting a run (for tools such as ``dsv3.model.summary``)."""
+    starting a run (for tools such as ``dsv3.model.summary``). With resolve=True every
+    interpolation, ${hydra:...} ones included, is resolved as in a run."""
     from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
 
     register()
     with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+        cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=resolve)
+    if resolve:
+        HydraConfig.instance().set_config(cfg)  # what ${hydra:...} reads
+        with open_dict(cfg):
+            del cfg["hydra"]
+        OmegaConf.resolve(cfg)
+    return cfg
