@@ -15,7 +15,6 @@ keeps rank 0's chrome traces.
 import argparse
 import faulthandler
 import json
-import os
 import time
 import warnings
 from collections import defaultdict
@@ -41,24 +40,24 @@ RUNS = [("1f1b", False), ("zbv", False), ("dualpipev", False), ("dualpipev", Tru
 
 def union(intervals):
     merged = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
+    for begin, end in sorted(intervals):
+        if merged and begin <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], end)
         else:
-            merged.append([start, end])
+            merged.append([begin, end])
     return merged
 
 
 def overlap_with(intervals, covered):
     """Total length of `intervals` that lies inside the union `covered`."""
-    total, j = 0.0, 0
-    for start, end in sorted(intervals):
-        for c_start, c_end in covered:
-            if c_end <= start:
+    total = 0.0
+    for begin, end in sorted(intervals):
+        for c_begin, c_end in covered:
+            if c_end <= begin:
                 continue
-            if c_start >= end:
+            if c_begin >= end:
                 break
-            total += min(end, c_end) - max(start, c_start)
+            total += min(end, c_end) - max(begin, c_begin)
     return total
 
 
@@ -116,7 +115,7 @@ def main() -> None:
         replicas = Replicas(model, cut, lines, line)
         pipe = Pipeline(model, cut, runtime.pp_rank, StageLinks(placement, lines, line, device), overlap, autocast)
 
-        def step():
+        def step(pipe=pipe, replicas=replicas, model=model):
             losses = pipe.train_step(micro, 0.3)
             replicas.sum_gradients()
             model.zero_grad(set_to_none=True)

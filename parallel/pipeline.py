@@ -46,7 +46,7 @@ from torch.distributed.pipelining._backward import stage_backward_input, stage_b
 from dsv3.model import ModelConfig, Transformer
 from dsv3.model.moe import MoE
 
-from .schedules import Action, Placement, build, forward_only
+from .schedules import Placement, build, forward_only
 
 
 # --- cutting the model ---------------------------------------------------------------------------
@@ -366,13 +366,12 @@ class Replicas:
                     group = dist.new_group([line[h] for h in holders])
                     if line == my_line:
                         groups[holders] = group
-        self.param_groups = []  # (params, group) per holder set of this rank
         by_holders: dict[tuple[int, ...], list[nn.Parameter]] = {}
         for name, param in model.named_parameters():
             holders = tuple(cut.holders(name))
             if len(holders) > 1:
                 by_holders.setdefault(holders, []).append(param)
-        self.param_groups = [(params, groups[h]) for h, params in sorted(by_holders.items())]
+        self.param_groups = [(params, groups[h]) for h, params in sorted(by_holders.items())]  # (params, group)
         router_holders = {tuple(cut.holders(name)) for name, m in model.named_modules() if name.endswith("router")}
         self.router_group = groups.get(next(iter(router_holders))) if len(router_holders) == 1 else None
         if len(router_holders) > 1 and any(len(h) > 1 for h in router_holders):

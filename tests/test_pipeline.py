@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dsv3.model import ModelConfig, Transformer, update_expert_bias
+from dsv3.model import ModelConfig, Transformer
 from dsv3.parallel.config import ParallelConfig
 from dsv3.parallel.data_parallel import GradientSync
 from dsv3.parallel.expert_parallel import shard_experts
@@ -88,13 +88,13 @@ def check(results, ref):
                 expected = expected[first:first + grad.shape[0]]
             torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=name)
             seen.add(name)
-        ref_routers = [n for n in (m for m in ref_loads_names(ref))]
+        ref_routers = ref_loads_names()
         for name, load in result["loads"].items():
             torch.testing.assert_close(load, ref["loads"][ref_routers.index(name)])
     assert seen == set(ref["grads"]), "some parameters were held by no rank"
 
 
-def ref_loads_names(ref):
+def ref_loads_names():
     model = Transformer(ModelConfig(**CFG))
     return [name for name, m in model.named_modules() if name.endswith("router")]
 
