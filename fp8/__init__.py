@@ -6,8 +6,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from dsv3.model.moe import RoutedExperts
+import torch
 
+from dsv3.model.moe import MoE, RoutedExperts
+
+from . import quant
 from .linear import FP8Linear, FP8RoutedExperts
 
 KEPT_IN_HIGH_PRECISION = ("head", "eh_proj")  # with the embedding, routers, norms, attention core
@@ -19,12 +22,36 @@ class FP8Config:
     power_of_two_scales: bool = False  # round every scale up to a power of two
 
 
+class DispatchCodec:
+    """What an expert-parallel dispatcher sends in FP8 (RECIPE.md 4: dispatch in FP8 with
+    power-of-two scales): 1x128 E4M3 tiles as bytes, and their scales. The experts' FP8 GEMM then
+    quantises the decoded rows again, which reproduces the same E4M3 values when it also uses
+    power-of-two scales (fp8.power_of_two_scales=true)."""
+
+    @staticmethod
+    def encode(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if rows.is_cuda:
+            from .kernels import quantize_tiles
+        else:
+            quantize_tiles = quant.quantize_tiles
+        q, scales = quantize_tiles(rows, True)
+        return q.view(torch.uint8), scales
+
+    @staticmethod
+    def decode(data: torch.Tensor, scales: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return quant.dequantize_tiles(data.view(quant.E4M3), scales, like.shape[1]).to(like.dtype)
+
+
 def convert(model: nn.Module, cfg: FP8Config) -> list[str]:
     """Turns the model's GEMMs that RECIPE.md section 4 runs in FP8 into FP8 ones, in place (same
     parameters, same names): every Linear of MLA, the dense MLPs and the shared experts, and the
     routed experts. The embedding, output head, MTP projection, routers and norms stay as they
-    are, and attention's core is not a Linear. Returns the names converted."""
+    are, and attention's core is not a Linear. Expert-parallel dispatchers send FP8 (combine
+    stays in the compute dtype). Returns the names converted."""
     converted = []
+    for module in model.modules():
+        if isinstance(module, MoE) and hasattr(module.dispatcher, "codec"):
+            module.dispatcher.codec = DispatchCodec()
     for name, module in model.named_modules():
         if type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in KEPT_IN_HIGH_PRECISION:
             module.__class__ = FP8Linear

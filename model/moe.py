@@ -216,7 +216,7 @@ class LocalDispatcher:
     def exchange(self, rows: torch.Tensor, plan: DispatchPlan, back: bool = False) -> torch.Tensor:
         return rows
 
-    def start_exchange(self, rows: torch.Tensor, plan: DispatchPlan, back: bool = False):
+    def start_exchange(self, rows: torch.Tensor, plan: DispatchPlan, back: bool = False, gradient: bool = False):
         """The exchange outside autograd, returning (result, handle to wait on or None)."""
         return rows, None
 

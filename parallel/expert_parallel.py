@@ -23,6 +23,10 @@ class AllToAllDispatcher:
         self.ep = dist.get_world_size(group)
         self.local_experts = n_experts // self.ep
         self.n_experts = n_experts
+        # Set by dsv3.fp8.convert: dispatch sends E4M3 rows and their scales instead of the rows
+        # (codec.encode(rows) -> (uint8 rows, scales); codec.decode(bytes, scales, like) -> rows).
+        # Combine, and the backward of dispatch, stay in the compute dtype.
+        self.codec = None
 
     def plan(self, indices: torch.Tensor) -> DispatchPlan:
         order, restore, counts = sort_by_expert(indices, self.n_experts)  # rows for each global expert
@@ -43,15 +47,64 @@ class AllToAllDispatcher:
 
     def exchange(self, rows: torch.Tensor, plan: DispatchPlan, back: bool = False) -> torch.Tensor:
         """Dispatch (or, with back=True, combine) as a differentiable all-to-all."""
+        if self.codec is not None and not back:
+            return _EncodedDispatch.apply(rows, plan, self)
         return all_to_all_single_autograd(rows, *self._splits(plan, back), self.group)
 
-    def start_exchange(self, rows: torch.Tensor, plan: DispatchPlan, back: bool = False):
-        """The same all-to-all outside autograd and asynchronous: (result, handle to wait on)."""
+    def start_exchange(self, rows: torch.Tensor, plan: DispatchPlan, back: bool = False, gradient: bool = False):
+        """The same all-to-all outside autograd and asynchronous: (result, handle to wait on).
+        gradient=True: rows are gradients (a backward pass), which are never encoded."""
         output_splits, input_splits = self._splits(plan, back)
+        if self.codec is not None and not back and not gradient:
+            return self._start_encoded(rows, output_splits, input_splits)
+        return self._start_plain(rows, output_splits, input_splits)
+
+    def _start_plain(self, rows: torch.Tensor, output_splits: list[int], input_splits: list[int]):
         out = rows.new_empty((sum(output_splits), *rows.shape[1:]))
         handle = dist.all_to_all_single(out, rows.contiguous(), output_splits, input_splits, group=self.group,
                                         async_op=True)
         return out, handle
+
+    def _start_encoded(self, rows: torch.Tensor, output_splits: list[int], input_splits: list[int]):
+        data, scales = self.codec.encode(rows)
+        data_out = data.new_empty((sum(output_splits), data.shape[1]))
+        scales_out = scales.new_empty((sum(output_splits), scales.shape[1]))
+        works = [dist.all_to_all_single(data_out, data, output_splits, input_splits, group=self.group,
+                                        async_op=True),
+                 dist.all_to_all_single(scales_out, scales, output_splits, input_splits, group=self.group,
+                                        async_op=True)]
+        out = rows.new_empty((sum(output_splits), rows.shape[1]))
+        return out, _DecodeWhenDone(works, lambda: out.copy_(self.codec.decode(data_out, scales_out, out)))
+
+
+class _DecodeWhenDone:
+    """A handle whose wait() waits for the exchanges and then decodes what arrived."""
+
+    def __init__(self, works, decode):
+        self.works, self.decode = works, decode
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+        self.decode()
+
+
+class _EncodedDispatch(torch.autograd.Function):
+    """Dispatch with the rows encoded (FP8 + scales) on the wire; gradients go back unencoded."""
+
+    @staticmethod
+    def forward(ctx, rows, plan, dispatcher):
+        ctx.plan, ctx.dispatcher = plan, dispatcher
+        out, handle = dispatcher.start_exchange(rows, plan)
+        handle.wait()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        dispatcher = ctx.dispatcher
+        out, handle = dispatcher._start_plain(grad.contiguous(), *dispatcher._splits(ctx.plan, back=True))
+        handle.wait()
+        return out, None, None
 
 
 def shard_experts(model: Transformer, group: dist.ProcessGroup) -> None:

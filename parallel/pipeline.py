@@ -252,7 +252,7 @@ class StageRunner:
             part = record.part
             if part.moe is not None:
                 grad = grads.pop(part.writes[0])
-                out, handle = part.moe.dispatcher.start_exchange(grad, record.plan, not part.back)
+                out, handle = part.moe.dispatcher.start_exchange(grad, record.plan, not part.back, gradient=True)
                 if handle is not None:
                     yield handle
                 _accumulate(grads, part.reads[0], out)

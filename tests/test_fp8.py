@@ -181,3 +181,67 @@ def test_tiny_recipe_trains_in_fp8(tmp_path):
     late = slice(-10, None)
     assert sum(fp8[late]) / 10 < fp8[0] - 1.0  # it learns
     assert sum(fp8[late]) == pytest.approx(sum(bf16[late]), rel=0.02)
+
+
+def _fp8_ep_worker(rank, world_size):
+    """ep=2: FP8 model whose dispatch sends E4M3 + scales; returns losses and gradients."""
+    import torch.distributed as dist
+
+    from dsv3.parallel.expert_parallel import shard_experts
+    from test_parallel import CFG, global_batch
+
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**CFG))
+        shard_experts(model, dist.group.WORLD)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=0)
+    convert(model, FP8Config(enabled=True, power_of_two_scales=True))
+    dispatcher = model.layers["1"].ffn.dispatcher
+    assert dispatcher.codec is not None
+    # on the wire: E4M3 tiles with power-of-two scales, i.e. exactly the rounded rows arrive
+    rows = torch.randn(24, 32, generator=torch.Generator().manual_seed(rank))
+    plan = dispatcher.plan(torch.randint(8, (12, 2), generator=torch.Generator().manual_seed(rank)))
+    sent = dispatcher.exchange(rows, plan)
+    rounded = dequantize_tiles(*quantize_tiles(rows, True), 32)
+    codec, dispatcher.codec = dispatcher.codec, None
+    assert torch.equal(sent, dispatcher.exchange(rounded, plan))
+    assert not torch.equal(sent, dispatcher.exchange(rows, plan))
+    dispatcher.codec = codec
+    tokens = global_batch(0)[rank * 4:(rank + 1) * 4]
+    out = model(tokens[:, :-1], tokens[:, 1:])
+    out.total(0.3).backward()
+    loss = out.total(0.3).detach()
+    dist.all_reduce(loss)
+    first = model.layers["1"].ffn.experts.first_expert
+    return {"loss": loss / world_size, "first": first,
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+
+
+def test_fp8_dispatch_equals_the_single_process_fp8_model(tmp_path):
+    """Tokens cross the expert all-to-all as E4M3 with power-of-two scales; the experts' FP8 GEMMs
+    requantise them to the same values, so ep=2 gives the one-process FP8 model's loss and
+    gradients (dense gradients averaged over the two ranks, as data parallelism does)."""
+    from multirank import run_ranks
+    from test_parallel import CFG, global_batch
+
+    model = Transformer(ModelConfig(**CFG))
+    model.init_weights(seed=0)
+    convert(model, FP8Config(enabled=True, power_of_two_scales=True))
+    tokens = global_batch(0)
+    losses = []
+    for half in (tokens[:4], tokens[4:]):  # each rank's loss is a mean over its own tokens
+        out = model(half[:, :-1], half[:, 1:])
+        (out.total(0.3) / 2).backward()
+        losses.append(out.total(0.3).detach())
+    results = run_ranks(_fp8_ep_worker, 2, tmp_path)
+    for result in results:
+        assert result["loss"].item() == pytest.approx(sum(losses).item() / 2, rel=1e-6)
+    expert_names = [n for n in results[0]["grads"] if ".experts." in n]
+    for name in expert_names:  # each rank holds half the experts, with both ranks' tokens' gradients:
+        for result in results:  # the sum of the two ranks' losses, so half of it is the mean's
+            part = model.get_parameter(name).grad[result["first"]:result["first"] + 4]
+            torch.testing.assert_close(result["grads"][name] / 2, part, rtol=1e-4, atol=1e-7, msg=name)
+    for name in results[0]["grads"]:
+        if name not in expert_names:
+            mean = (results[0]["grads"][name] + results[1]["grads"][name]) / 2
+            torch.testing.assert_close(mean, model.get_parameter(name).grad, rtol=1e-4, atol=1e-7, msg=name)
