@@ -160,6 +160,8 @@ class Trainer:
     def _cut(self) -> Cut | None:
         if self.runtime is None or self.runtime.layout.pp == 1:
             return None
+        with torch.device("meta"):  # the whole model's routers, in order, for per-layer metrics
+            self.all_router_names = [n for n, m in Transformer(self.cfg.model).named_modules() if n.endswith("router")]
         placement = Placement(self.cfg.parallel.schedule, self.runtime.layout.pp)
         layers = split_layers(self.cfg.model.n_layers, placement.n_model_stages, self.cfg.parallel.stage_layers)
         return Cut(placement, layers, mtp=self.cfg.model.mtp_depth > 0)
@@ -336,11 +338,9 @@ class Trainer:
         if self.cut is None:
             return violation
         names = [name for name, m in self.model.named_modules() if name.endswith("router")]
-        with torch.device("meta"):
-            every_name = [name for name, m in Transformer(self.cfg.model).named_modules() if name.endswith("router")]
-        every = torch.zeros(len(every_name), device=violation.device)
+        every = torch.zeros(len(self.all_router_names), device=violation.device)
         for name, value in zip(names, violation.to(every.device)):
-            every[every_name.index(name)] = value
+            every[self.all_router_names.index(name)] = value
         dist.all_reduce(every, op=dist.ReduceOp.MAX, group=self.runtime.pp_group)
         return every
 
