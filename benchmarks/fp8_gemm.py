@@ -18,20 +18,12 @@ from dsv3.fp8 import kernels
 from dsv3.fp8.gemm import gemm
 from dsv3.fp8.linear import FP8LinearFunction, FP8RoutedExperts
 from dsv3.model.moe import RoutedExperts
+from model_step import cuda_time  # benchmarks/ is on sys.path when run as a script
 
 
 def timed(fn, repeat=20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+    """Median seconds of fn(), CUDA-event timed (benchmarks/model_step.py's timer)."""
+    return cuda_time(fn, iters=repeat) / 1e3
 
 
 SHAPES = {  # name: (tokens, in, out)
