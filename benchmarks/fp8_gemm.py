@@ -6,17 +6,20 @@
    pre-quantised operands (quantisation excluded); FP8 with the activation and weight quantised in
    the timed region (included).
 2. FP8Linear forward + backward against nn.Linear in BF16 autocast, same shapes.
-3. Routed experts of `small` (64 experts, 8192 tokens x top-6 spread evenly): our FP8 experts
-   (one blockwise GEMM per expert) against `torch._grouped_mm` in BF16, forward + backward.
+3. Routed experts at `small`'s and `v3_671b`'s shapes, rows spread evenly: our grouped FP8 GEMM
+   (Triton) against `torch._grouped_mm` in BF16, the up-projection alone on pre-quantised operands,
+   and the whole experts' forward + backward (FP8: all quantisation and the SwiGLU kernels included).
 Times are medians of CUDA-event timings after warm-up.
 """
+import argparse
 import json
 
 import torch
 
 from dsv3.fp8 import kernels
 from dsv3.fp8.gemm import gemm
-from dsv3.fp8.linear import FP8LinearFunction, FP8RoutedExperts
+from dsv3.fp8.grouped import Groups, grouped_gemm
+from dsv3.fp8.linear import FP8LinearFunction, FP8RoutedExperts, quantize_expert_weights
 from dsv3.model.moe import RoutedExperts
 from model_step import cuda_time  # benchmarks/ is on sys.path when run as a script
 
@@ -38,7 +41,18 @@ SHAPES = {  # name: (tokens, in, out)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", default="dense,experts", help="comma-separated: dense (1 and 2), experts (3)")
+    parts = parser.parse_args().parts.split(",")
     torch.manual_seed(0)
+    if "dense" in parts:
+        dense_cases()
+    if "experts" in parts:
+        for case in EXPERT_CASES.items():
+            experts_case(*case)
+
+
+def dense_cases() -> None:
     for name, (m, k, n) in SHAPES.items():
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda") * 0.02
@@ -75,28 +89,54 @@ def main() -> None:
                           "linear_fwd_bwd_bf16_ms": round(lin_bf16 * 1e3, 2),
                           "linear_fwd_bwd_fp8_ms": round(lin_fp8 * 1e3, 2)}), flush=True)
 
-    experts, tokens, dim, inter = 64, 8192 * 6, 1024, 384
-    bf16_experts = RoutedExperts(experts, dim, inter, 0.006).cuda()
-    bf16_experts.reset_parameters(seed=0)
-    fp8_experts = RoutedExperts(experts, dim, inter, 0.006).cuda()
-    fp8_experts.load_state_dict(bf16_experts.state_dict())
-    fp8_experts.__class__ = FP8RoutedExperts
-    counts = torch.full((experts,), tokens // experts, device="cuda")
-    x = torch.randn(tokens, dim, device="cuda", requires_grad=True)
+
+
+EXPERT_CASES = {  # name: (experts, rows per expert, dim, inter)
+    "small routed experts": (64, 768, 1024, 384),  # 8192 tokens x top-6 over 64 experts
+    "v3 routed experts, 8 per GPU": (8, 8192, 7168, 2048),
+}
+
+
+def experts_case(name: str, shape: tuple[int, int, int, int]) -> None:
+    """The grouped up-projection GEMM alone (x @ [W1 | W3], pre-quantised) and the whole experts'
+    forward + backward: our grouped FP8 against torch._grouped_mm in BF16."""
+    n_experts, per_expert, dim, inter = shape
+    rows = n_experts * per_expert
+    counts = torch.full((n_experts,), per_expert, device="cuda")
+    offsets = counts.cumsum(0).to(torch.int32)
+    x = torch.randn(rows, dim, device="cuda", dtype=torch.bfloat16)
+    w13 = torch.randn(n_experts, dim, 2 * inter, device="cuda") * 0.02
+    w13_16 = w13.bfloat16()
+    x_q, x_s = kernels.quantize_tiles(x)
+    w_q, w_s = quantize_expert_weights(kernels, w13, False)
+    b_q, b_s = w_q.transpose(1, 2).contiguous(), w_s.transpose(1, 2).contiguous()
+    groups = Groups.of(counts, rows)
+    gemm_bf16 = timed(lambda: torch._grouped_mm(x, w13_16, offs=offsets))
+    gemm_fp8 = timed(lambda: grouped_gemm(x_q, x_s, b_q, b_s, groups, torch.bfloat16))
+    gemm_flop = 2 * rows * dim * 2 * inter
+
+    module_bf16 = RoutedExperts(n_experts, dim, inter, 0.006).cuda()
+    module_bf16.reset_parameters(seed=0)
+    module_fp8 = RoutedExperts(n_experts, dim, inter, 0.006).cuda()
+    module_fp8.load_state_dict(module_bf16.state_dict())
+    module_fp8.__class__ = FP8RoutedExperts
+    xr = x.float().requires_grad_()
+    dy = torch.randn(rows, dim, device="cuda", dtype=torch.bfloat16)
 
     def run(module):
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = module(x, counts)
-            out.float().square().mean().backward()
+                out = module(xr, counts)
+            out.backward(dy)
         return step
-    flop = 3 * 2 * tokens * dim * inter * 3  # three GEMMs, forward + two backward
-    t_bf16, t_fp8 = timed(run(bf16_experts), 10), timed(run(fp8_experts), 10)
-    print(json.dumps({"experts": experts, "rows": tokens, "dim": dim, "inter": inter,
-                      "grouped_bf16_ms": round(t_bf16 * 1e3, 2), "fp8_per_expert_ms": round(t_fp8 * 1e3, 2),
-                      "grouped_bf16_tflops": round(flop / t_bf16 / 1e12), "fp8_tflops": round(flop / t_fp8 / 1e12)}),
-          flush=True)
-
+    flop = 3 * 2 * rows * dim * inter * 3  # three GEMMs, forward + two backward each
+    t_bf16, t_fp8 = timed(run(module_bf16), 10), timed(run(module_fp8), 10)
+    print(json.dumps({"experts": name, "n_experts": n_experts, "rows": rows, "dim": dim, "inter": inter,
+                      "up_gemm_bf16_tflops": round(gemm_flop / gemm_bf16 / 1e12),
+                      "up_gemm_fp8_tflops": round(gemm_flop / gemm_fp8 / 1e12),
+                      "fwd_bwd_bf16_ms": round(t_bf16 * 1e3, 2), "fwd_bwd_fp8_ms": round(t_fp8 * 1e3, 2),
+                      "fwd_bwd_bf16_tflops": round(flop / t_bf16 / 1e12),
+                      "fwd_bwd_fp8_tflops": round(flop / t_fp8 / 1e12)}), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .grouped import Groups
 from .quant import E4M3, TILE, padded
 
 
@@ -28,30 +29,40 @@ def _scale(amax, POW2: tl.constexpr):
 
 
 @triton.jit
-def _tiles_kernel(x_ptr, q_ptr, s_ptr, rows, k, k_pad, POW2: tl.constexpr, TILE_K: tl.constexpr):
-    row = tl.program_id(0)
+def _tiles_kernel(x_ptr, q_ptr, s_ptr, rows, k, k_pad, POW2: tl.constexpr, ROWS: tl.constexpr, TILE_K: tl.constexpr):
+    """ROWS rows of one 128-column tile: one scale per row."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     tile = tl.program_id(1)
     cols = tile * TILE_K + tl.arange(0, TILE_K)
-    x = tl.load(x_ptr + row * k + cols, mask=cols < k, other=0.0).to(tl.float32)
-    scale = _scale(tl.max(tl.abs(x), axis=0), POW2)
-    tl.store(q_ptr + row * k_pad + cols, tl.math.div_rn(x, scale).to(q_ptr.dtype.element_ty))
-    tl.store(s_ptr + row * (k_pad // TILE_K) + tile, scale)
+    r64 = r[:, None].to(tl.int64)
+    x = tl.load(x_ptr + r64 * k + cols[None, :], mask=(r[:, None] < rows) & (cols[None, :] < k), other=0.0)
+    x = x.to(tl.float32)
+    scale = _scale(tl.max(tl.abs(x), axis=1), POW2)
+    q = tl.math.div_rn(x, scale[:, None]).to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + r64 * k_pad + cols[None, :], q, mask=r[:, None] < rows)
+    tl.store(s_ptr + r * (k_pad // TILE_K) + tile, scale, mask=r < rows)
 
 
 @triton.jit
-def _tiles_transposed_kernel(x_ptr, q_ptr, s_ptr, rows, k, rows_pad, POW2: tl.constexpr, TILE_R: tl.constexpr,
-                             COLS: tl.constexpr):
-    """x (rows, k) -> q (k, rows_pad): column c of x, rows [t*128, (t+1)*128), is one tile."""
+def _tiles_transposed_kernel(x_ptr, x_scale_ptr, q_ptr, s_ptr, start_ptr, end_ptr, k, x_stride, rows_pad,
+                             DEQUANTIZE: tl.constexpr, POW2: tl.constexpr, TILE_R: tl.constexpr, COLS: tl.constexpr):
+    """Tile `tile` of rows [start, end) of x (at most 128) -> column block `tile` of q = x^T tiles.
+    With DEQUANTIZE, x is E4M3 with 1x128 scales and is dequantised on the way in."""
     tile = tl.program_id(0)
     col_block = tl.program_id(1)
-    r = tile * TILE_R + tl.arange(0, TILE_R)
+    start = tl.load(start_ptr + tile).to(tl.int64)
+    end = tl.load(end_ptr + tile)
+    r = start + tl.arange(0, TILE_R)
     c = col_block * COLS + tl.arange(0, COLS)
-    mask = (r[:, None] < rows) & (c[None, :] < k)
-    x = tl.load(x_ptr + r[:, None] * k + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    mask = (r[:, None] < end) & (c[None, :] < k)
+    x = tl.load(x_ptr + r[:, None] * x_stride + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    if DEQUANTIZE:
+        x *= tl.load(x_scale_ptr + r[:, None] * (x_stride // TILE_R) + c[None, :] // TILE_R, mask=mask, other=0.0)
     scale = _scale(tl.max(tl.abs(x), axis=0), POW2)  # (COLS,)
     q = tl.math.div_rn(x, scale[None, :]).to(q_ptr.dtype.element_ty)
-    tl.store(q_ptr + c[None, :] * rows_pad + r[:, None], q, mask=c[None, :] < k)
-    tl.store(s_ptr + c * (rows_pad // TILE_R) + tile, scale, mask=c < k)
+    out = tile * TILE_R + tl.arange(0, TILE_R)
+    tl.store(q_ptr + c[None, :].to(tl.int64) * rows_pad + out[:, None], q, mask=c[None, :] < k)
+    tl.store(s_ptr + tile * k + c, scale, mask=c < k)
 
 
 @triton.jit
@@ -74,21 +85,33 @@ def quantize_tiles(x: torch.Tensor, power_of_two: bool = False) -> tuple[torch.T
     q = torch.empty((rows, k_pad), dtype=E4M3, device=x.device)
     s = torch.empty((rows, k_pad // TILE), dtype=torch.float32, device=x.device)
     if rows:
-        _tiles_kernel[(rows, k_pad // TILE)](x, q, s, rows, k, k_pad, POW2=power_of_two, TILE_K=TILE)
+        _tiles_kernel[(triton.cdiv(rows, ELEMENTWISE_ROWS), k_pad // TILE)](x, q, s, rows, k, k_pad, POW2=power_of_two,
+                                                                           ROWS=ELEMENTWISE_ROWS, TILE_K=TILE)
     return q.view(*shape[:-1], k_pad), s.view(*shape[:-1], k_pad // TILE)
 
 
-def quantize_tiles_transposed(x: torch.Tensor, power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (rows, k) -> the 1x128-tile quantisation of x^T: q (k, rows padded), scales (k, rows/128)."""
+def quantize_tiles_transposed(x: torch.Tensor, power_of_two: bool = False, groups: Groups | None = None,
+                              x_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (rows, k) -> the 1x128-tile quantisation of x^T: q (k, P), scales (k, P/128), with the
+    rows cut into tiles per expert when `groups` is given (P = 128 * groups.n_tiles) and in one
+    run otherwise (P = rows padded). With `x_scale`, x is E4M3 with those 1x128 scales (k is then
+    its padded width; the FP8 activation cache) and is dequantised first."""
     x = x.contiguous()
     rows, k = x.shape
-    rows_pad = padded(rows)
+    if groups is None:
+        start = torch.arange(0, rows, TILE, dtype=torch.int32, device=x.device)
+        end = torch.full_like(start, rows)
+    else:
+        start, end = groups.start, groups.end
+    rows_pad = TILE * start.numel()
     q = torch.empty((k, rows_pad), dtype=E4M3, device=x.device)
-    s = torch.empty((k, rows_pad // TILE), dtype=torch.float32, device=x.device)
+    s = torch.empty((rows_pad // TILE, k), dtype=torch.float32, device=x.device)
     cols = 32
-    _tiles_transposed_kernel[(rows_pad // TILE, triton.cdiv(k, cols))](x, q, s, rows, k, rows_pad, POW2=power_of_two,
-                                                                      TILE_R=TILE, COLS=cols)
-    return q, s
+    if rows_pad:
+        _tiles_transposed_kernel[(start.numel(), triton.cdiv(k, cols))](
+            x, x if x_scale is None else x_scale, q, s, start, end, k, k, rows_pad,
+            DEQUANTIZE=x_scale is not None, POW2=power_of_two, TILE_R=TILE, COLS=cols)
+    return q, s.t()  # (k, tiles) with the tiles outermost: the layout cuBLASLt and the Wgrad kernel read
 
 
 def quantize_blocks(w: torch.Tensor, power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,3 +122,178 @@ def quantize_blocks(w: torch.Tensor, power_of_two: bool = False) -> tuple[torch.
     _blocks_kernel[(padded(n) // TILE, padded(k) // TILE)](w, q, s, n, k, padded(k), POW2=power_of_two, BLOCK=TILE)
     return q, s
 
+
+
+@triton.jit
+def _quantize(x, POW2: tl.constexpr):
+    """Rows of one 1x128 tile each (x: (ROWS, 128) fp32) -> E4M3-ready values and their scales."""
+    scale = _scale(tl.max(tl.abs(x), axis=1), POW2)
+    return tl.math.div_rn(x, scale[:, None]), scale
+
+
+@triton.jit
+def _swiglu_quantize_kernel(gu_ptr, h_ptr, h_scale_ptr, cache_ptr, cache_scale_ptr, rows, inter, POW2: tl.constexpr,
+                            ROWS: tl.constexpr, TILE_K: tl.constexpr):
+    """gu = [gate | up] (rows, 2 * inter): h = silu(gate) * up as 1x128 tiles for the down
+    projection, and gate and up themselves as 1x128 tiles (the FP8 cache backward recomputes h from)."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    tile = tl.program_id(1)
+    tiles = inter // TILE_K
+    mask = r < rows
+    row = r[:, None].to(tl.int64)
+    cols = tile * TILE_K + tl.arange(0, TILE_K)[None, :]
+    gate = tl.load(gu_ptr + row * 2 * inter + cols, mask=mask[:, None]).to(tl.float32)
+    up = tl.load(gu_ptr + row * 2 * inter + inter + cols, mask=mask[:, None]).to(tl.float32)
+    h, h_scale = _quantize(gate * tl.sigmoid(gate) * up, POW2)
+    tl.store(h_ptr + row * inter + cols, h.to(h_ptr.dtype.element_ty), mask=mask[:, None])
+    tl.store(h_scale_ptr + r * tiles + tile, h_scale, mask=mask)
+    gate_q, gate_scale = _quantize(gate, POW2)
+    up_q, up_scale = _quantize(up, POW2)
+    tl.store(cache_ptr + row * 2 * inter + cols, gate_q.to(cache_ptr.dtype.element_ty), mask=mask[:, None])
+    tl.store(cache_ptr + row * 2 * inter + inter + cols, up_q.to(cache_ptr.dtype.element_ty), mask=mask[:, None])
+    tl.store(cache_scale_ptr + r * 2 * tiles + tile, gate_scale, mask=mask)
+    tl.store(cache_scale_ptr + r * 2 * tiles + tiles + tile, up_scale, mask=mask)
+
+
+@triton.jit
+def _swiglu_backward_kernel(cache_ptr, cache_scale_ptr, dh_ptr, h_ptr, dgu_ptr, rows, inter, ROWS: tl.constexpr,
+                            TILE_K: tl.constexpr):
+    """From the FP8 cache of [gate | up] and dh: h = silu(gate) * up again, and d[gate | up]."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    tile = tl.program_id(1)
+    tiles = inter // TILE_K
+    mask = r < rows
+    row = r[:, None].to(tl.int64)
+    cols = tile * TILE_K + tl.arange(0, TILE_K)[None, :]
+    gate_scale = tl.load(cache_scale_ptr + r * 2 * tiles + tile, mask=mask)
+    up_scale = tl.load(cache_scale_ptr + r * 2 * tiles + tiles + tile, mask=mask)
+    gate = tl.load(cache_ptr + row * 2 * inter + cols, mask=mask[:, None]).to(tl.float32) * gate_scale[:, None]
+    up = tl.load(cache_ptr + row * 2 * inter + inter + cols, mask=mask[:, None]).to(tl.float32) * up_scale[:, None]
+    dh = tl.load(dh_ptr + row * inter + cols, mask=mask[:, None]).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    tl.store(h_ptr + row * inter + cols, (silu * up).to(h_ptr.dtype.element_ty), mask=mask[:, None])
+    dgate = dh * up * sig * (1 + gate * (1 - sig))
+    tl.store(dgu_ptr + row * 2 * inter + cols, dgate.to(dgu_ptr.dtype.element_ty), mask=mask[:, None])
+    tl.store(dgu_ptr + row * 2 * inter + inter + cols, (dh * silu).to(dgu_ptr.dtype.element_ty), mask=mask[:, None])
+
+
+ELEMENTWISE_ROWS = 16  # rows per program of the tile-wise kernels
+
+
+def swiglu_quantize(gu: torch.Tensor, power_of_two: bool = False):
+    """See quant.swiglu_quantize (the reference)."""
+    rows, inter = gu.shape[0], gu.shape[1] // 2
+    h = torch.empty((rows, inter), dtype=E4M3, device=gu.device)
+    h_scale = torch.empty((rows, inter // TILE), dtype=torch.float32, device=gu.device)
+    cache = torch.empty((rows, 2 * inter), dtype=E4M3, device=gu.device)
+    cache_scale = torch.empty((rows, 2 * inter // TILE), dtype=torch.float32, device=gu.device)
+    if rows:
+        grid = (triton.cdiv(rows, ELEMENTWISE_ROWS), inter // TILE)
+        _swiglu_quantize_kernel[grid](gu.contiguous(), h, h_scale, cache, cache_scale, rows, inter, POW2=power_of_two,
+                                      ROWS=ELEMENTWISE_ROWS, TILE_K=TILE)
+    return h, h_scale, cache, cache_scale
+
+
+def swiglu_backward(cache: torch.Tensor, cache_scale: torch.Tensor, dh: torch.Tensor, dtype: torch.dtype):
+    """See quant.swiglu_backward (the reference)."""
+    rows, inter = dh.shape
+    h = torch.empty((rows, inter), dtype=dtype, device=dh.device)
+    dgu = torch.empty((rows, 2 * inter), dtype=dtype, device=dh.device)
+    if rows:
+        grid = (triton.cdiv(rows, ELEMENTWISE_ROWS), inter // TILE)
+        _swiglu_backward_kernel[grid](cache, cache_scale, dh.contiguous(), h, dgu, rows, inter, ROWS=ELEMENTWISE_ROWS,
+                                      TILE_K=TILE)
+    return h, dgu
+
+
+@triton.jit
+def _grouped_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, expert_ptr, start_ptr, end_ptr, n, k,
+                         BLOCK_N: tl.constexpr, TILE_K: tl.constexpr):
+    """One 128-row tile of one expert times BLOCK_N columns of that expert's weight."""
+    tile = tl.program_id(0)
+    start = tl.load(start_ptr + tile)
+    end = tl.load(end_ptr + tile)
+    if start >= end:
+        return
+    expert = tl.load(expert_ptr + tile).to(tl.int64)
+    k_tiles = k // TILE_K
+    rows = start.to(tl.int64) + tl.arange(0, TILE_K)
+    row_mask = rows < end
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, TILE_K)
+    a_ptrs = a_ptr + rows[:, None] * k + kk[None, :]
+    b_ptrs = b_ptr + expert * n * k + cols[:, None] * k + kk[None, :]
+    a_scale_ptrs = a_scale_ptr + rows * k_tiles
+    b_scale_ptrs = b_scale_ptr + (expert * (n // TILE_K) + cols // TILE_K) * k_tiles
+    acc = tl.zeros((TILE_K, BLOCK_N), dtype=tl.float32)
+    for kt in range(k_tiles):
+        a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+        b = tl.load(b_ptrs)
+        a_scale = tl.load(a_scale_ptrs + kt, mask=row_mask, other=0.0)
+        b_scale = tl.load(b_scale_ptrs + kt)
+        # one K group: E4M3 products on the tensor cores, promoted to FP32 with both scales
+        acc += tl.dot(a, tl.trans(b)) * a_scale[:, None] * b_scale[None, :]
+        a_ptrs += TILE_K
+        b_ptrs += TILE_K
+    tl.store(c_ptr + rows[:, None] * n + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+@triton.jit
+def _grouped_wgrad_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, first_tile_ptr, n, k, width,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_T: tl.constexpr):
+    """(BLOCK_N, BLOCK_K) of expert e's a_e^T @ b_e, summing over the expert's own token tiles.
+    Scales are token-tile-major (tile, channel), as quantize_tiles_transposed writes them."""
+    expert = tl.program_id(0).to(tl.int64)
+    k_blocks = tl.cdiv(k, BLOCK_K)
+    rn = (tl.program_id(1) // k_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = (tl.program_id(1) % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+    t = tl.arange(0, TILE_T)
+    first = tl.load(first_tile_ptr + expert)
+    last = tl.load(first_tile_ptr + expert + 1)
+    a_ptrs = a_ptr + rn[:, None].to(tl.int64) * width + first * TILE_T + t[None, :]
+    b_ptrs = b_ptr + rk[:, None].to(tl.int64) * width + first * TILE_T + t[None, :]
+    a_scale_ptrs = a_scale_ptr + first * n + rn
+    b_scale_ptrs = b_scale_ptr + first * k + rk
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for _ in range(first, last):
+        a = tl.load(a_ptrs, mask=rn[:, None] < n, other=0.0)
+        b = tl.load(b_ptrs, mask=rk[:, None] < k, other=0.0)
+        a_scale = tl.load(a_scale_ptrs, mask=rn < n, other=0.0)
+        b_scale = tl.load(b_scale_ptrs, mask=rk < k, other=0.0)
+        acc += tl.dot(a, tl.trans(b)) * a_scale[:, None] * b_scale[None, :]
+        a_ptrs += TILE_T
+        b_ptrs += TILE_T
+        a_scale_ptrs += n
+        b_scale_ptrs += k
+    mask = (rn[:, None] < n) & (rk[None, :] < k)
+    tl.store(c_ptr + expert * n * k + rn[:, None] * k + rk[None, :], acc, mask=mask)
+
+
+GEMM_BLOCK_N = 128
+GEMM_WARPS, GEMM_STAGES = 8, 4  # the best of a sweep on an H100 (benchmarks/RESULTS.md)
+
+
+def launch_grouped_gemm(a, a_scale, b, b_scale, groups: Groups, out_dtype: torch.dtype) -> torch.Tensor:
+    rows, k = a.shape
+    n = b.shape[1]
+    out = torch.empty((rows, n), dtype=out_dtype, device=a.device)
+    if rows:
+        grid = (groups.n_tiles, triton.cdiv(n, GEMM_BLOCK_N))
+        _grouped_gemm_kernel[grid](a, a_scale, b.contiguous(), b_scale.contiguous(), out, groups.expert, groups.start,
+                                   groups.end, n, k, BLOCK_N=GEMM_BLOCK_N, TILE_K=TILE, num_warps=GEMM_WARPS,
+                                   num_stages=GEMM_STAGES)
+    return out
+
+
+def launch_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, groups: Groups) -> torch.Tensor:
+    n, width = a_t.shape
+    k = b_t.shape[0]
+    n_experts = groups.counts.numel()
+    out = torch.empty((n_experts, n, k), dtype=torch.float32, device=a_t.device)
+    grid = (n_experts, triton.cdiv(n, TILE) * triton.cdiv(k, TILE))
+    # the kernel reads scales token-tile-major: (tile, channel) contiguous, i.e. these (channel, tile) views
+    a_t_scale, b_t_scale = a_t_scale.t().contiguous(), b_t_scale.t().contiguous()
+    _grouped_wgrad_kernel[grid](a_t, a_t_scale, b_t, b_t_scale, out, groups.first_tile, n, k, width,
+                                BLOCK_N=TILE, BLOCK_K=TILE, TILE_T=TILE, num_warps=GEMM_WARPS, num_stages=GEMM_STAGES)
+    return out

@@ -20,22 +20,25 @@ from dsv3.model.moe import RoutedExperts, compute_dtype
 
 from . import quant
 from .gemm import gemm
+from .grouped import Groups, grouped_gemm, grouped_wgrad
 
 
-def _quantizers(device: torch.device):
+def _ops(device: torch.device):
+    """The quantisation functions for this device: the Triton kernels on CUDA, the reference
+    elsewhere (same names, same results)."""
     if device.type == "cuda":
         from . import kernels
-        return kernels.quantize_tiles, kernels.quantize_blocks, kernels.quantize_tiles_transposed
-    return quant.quantize_tiles, quant.quantize_blocks, lambda x, p=False: quant.quantize_tiles(x.t(), p)
+        return kernels
+    return quant
 
 
 class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, power_of_two: bool):
-        tiles, blocks, _ = _quantizers(x.device)
+        ops = _ops(x.device)
         shape, k = x.shape, x.shape[-1]
-        x_q, x_s = tiles(x.reshape(-1, k), power_of_two)
-        w_q, w_s = blocks(weight, power_of_two)
+        x_q, x_s = ops.quantize_tiles(x.reshape(-1, k), power_of_two)
+        w_q, w_s = ops.quantize_blocks(weight, power_of_two)
         y = gemm(x_q, x_s, w_q, w_s, b_blocks=True, out_dtype=out_dtype)[:, :weight.shape[0]]
         ctx.save_for_backward(x_q, x_s, w_q, w_s)
         ctx.meta = (shape, weight.shape, x.dtype, power_of_two)
@@ -45,15 +48,14 @@ class FP8LinearFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x_q, x_s, w_q, w_s = ctx.saved_tensors
         shape, (n, k), x_dtype, power_of_two = ctx.meta
-        tiles, _, tiles_t = _quantizers(grad.device)
+        ops = _ops(grad.device)
         grad = grad.reshape(-1, n)
-        g_q, g_s = tiles(grad, power_of_two)
+        g_q, g_s = ops.quantize_tiles(grad, power_of_two)
         # dx = dy @ W: W's blocks transposed are the 128x128 blocks of W^T
         dx = gemm(g_q, g_s, w_q.t().contiguous(), w_s.t().contiguous(), b_blocks=True, out_dtype=torch.float32)
         # dW = dy^T @ x over tokens: 128x1 tiles of dy and of x (x from its cached FP8 copy)
-        x = quant.dequantize_tiles(x_q, x_s, k)
-        gt_q, gt_s = tiles_t(grad, power_of_two)
-        xt_q, xt_s = tiles_t(x, power_of_two)
+        gt_q, gt_s = ops.quantize_tiles_transposed(grad, power_of_two)
+        xt_q, xt_s = ops.quantize_tiles_transposed(x_q, power_of_two, x_scale=x_s)
         dw = gemm(gt_q, gt_s, xt_q, xt_s, b_blocks=False, out_dtype=torch.float32)[:n, :k]
         return dx[:, :k].to(x_dtype).view(shape), dw, None, None
 
@@ -67,19 +69,60 @@ class FP8Linear(nn.Linear):
         return FP8LinearFunction.apply(x, self.weight, compute_dtype(x), self.power_of_two)
 
 
+def quantize_expert_weights(ops, w: torch.Tensor, power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, R, C) weights -> E4M3 (E, R, C padded to 128) and 128x128 block scales (E, R/128, C/128)."""
+    e, r, c = w.shape
+    w = F.pad(w, (0, quant.padded(c) - c, 0, quant.padded(r) - r))
+    q, s = ops.quantize_blocks(w.flatten(0, 1), power_of_two)
+    return q.view(e, *w.shape[1:]), s.view(e, w.shape[1] // quant.TILE, -1)
+
+
+class FP8ExpertsFunction(torch.autograd.Function):
+    """All routed experts' SwiGLU MLPs, y_e = (silu(x_e W1_e) * x_e W3_e) W2_e, in grouped FP8 GEMMs.
+
+    Gate and up run as one GEMM against [W1 | W3]. Forward saves x and [gate | up] in FP8 (1x128
+    tiles); backward recomputes the SwiGLU output from that cache (RECIPE.md 4) and runs Dgrad
+    against the forward's FP8 weights and Wgrad over each expert's own 128-token tiles.
+    """
+
+    @staticmethod
+    def forward(ctx, x, counts, w1, w3, w2, out_dtype: torch.dtype, power_of_two: bool):
+        ops = _ops(x.device)
+        dim, inter = w1.shape[1], w1.shape[2]
+        groups = Groups.of(counts, x.shape[0])
+        x_q, x_s = ops.quantize_tiles(x, power_of_two)
+        (q1, s1), (q3, s3) = quantize_expert_weights(ops, w1, power_of_two), quantize_expert_weights(ops, w3, power_of_two)
+        w13_q, w13_s = torch.cat([q1, q3], dim=2), torch.cat([s1, s3], dim=2)  # (E, dim, 2 * inter), padded
+        w2_q, w2_s = quantize_expert_weights(ops, w2, power_of_two)  # (E, inter, dim), padded
+        gu = grouped_gemm(x_q, x_s, w13_q.transpose(1, 2), w13_s.transpose(1, 2), groups, out_dtype)
+        h_q, h_s, gu_q, gu_s = ops.swiglu_quantize(gu, power_of_two)
+        y = grouped_gemm(h_q, h_s, w2_q.transpose(1, 2), w2_s.transpose(1, 2), groups, out_dtype)
+        ctx.save_for_backward(x_q, x_s, gu_q, gu_s, w13_q, w13_s, w2_q, w2_s)
+        ctx.groups, ctx.meta = groups, (dim, inter, x.dtype, out_dtype, power_of_two)
+        return y[:, :dim]
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_q, x_s, gu_q, gu_s, w13_q, w13_s, w2_q, w2_s = ctx.saved_tensors
+        groups, (dim, inter, x_dtype, out_dtype, power_of_two) = ctx.groups, ctx.meta
+        ops = _ops(dy.device)
+        inter_pad = w2_q.shape[1]
+        dy_q, dy_s = ops.quantize_tiles(dy, power_of_two)
+        dh = grouped_gemm(dy_q, dy_s, w2_q, w2_s, groups, torch.float32)
+        h, dgu = ops.swiglu_backward(gu_q, gu_s, dh, out_dtype)
+        dgu_q, dgu_s = ops.quantize_tiles(dgu, power_of_two)
+        dx = grouped_gemm(dgu_q, dgu_s, w13_q, w13_s, groups, torch.float32)[:, :dim]
+        dw2 = grouped_wgrad(*ops.quantize_tiles_transposed(h, power_of_two, groups),
+                            *ops.quantize_tiles_transposed(dy, power_of_two, groups), groups)
+        dw13 = grouped_wgrad(*ops.quantize_tiles_transposed(x_q, power_of_two, groups, x_scale=x_s),
+                             *ops.quantize_tiles_transposed(dgu, power_of_two, groups), groups)
+        dw1, dw3 = dw13[:, :dim, :inter], dw13[:, :dim, inter_pad:inter_pad + inter]
+        return dx.to(x_dtype), None, dw1, dw3, dw2[:, :inter], None, None
+
+
 class FP8RoutedExperts(RoutedExperts):
-    """Routed experts with FP8 GEMMs, one expert after another (PyTorch has no blockwise grouped
-    GEMM on Hopper; this is the composition measured in benchmarks/RESULTS.md)."""
+    """Routed experts (same parameters and names) computing all their GEMMs in grouped FP8."""
     power_of_two = False
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        dtype = compute_dtype(x)
-        outputs = []
-        for e, tokens in enumerate(x.split(counts.tolist())):
-            if tokens.shape[0] == 0:
-                outputs.append(tokens.new_zeros((0, self.w2.shape[2]), dtype=dtype))
-                continue
-            gate = FP8LinearFunction.apply(tokens, self.w1[e].t(), dtype, self.power_of_two)
-            up = FP8LinearFunction.apply(tokens, self.w3[e].t(), dtype, self.power_of_two)
-            outputs.append(FP8LinearFunction.apply(F.silu(gate) * up, self.w2[e].t(), dtype, self.power_of_two))
-        return torch.cat(outputs)
+        return FP8ExpertsFunction.apply(x, counts, self.w1, self.w3, self.w2, compute_dtype(x), self.power_of_two)

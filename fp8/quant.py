@@ -55,3 +55,34 @@ def quantize_blocks(w: torch.Tensor, power_of_two: bool = False) -> tuple[torch.
 def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     blocks = q.float().unflatten(1, (-1, TILE)).unflatten(0, (-1, TILE)) * scale[:, None, :, None]
     return blocks.flatten(2).flatten(0, 1)[:shape[0], :shape[1]]
+
+
+def quantize_tiles_transposed(x: torch.Tensor, power_of_two: bool = False, groups=None,
+                              x_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """1x128 tiles of x^T (128x1 tiles of x), what weight gradients need. With `groups`
+    (grouped.Groups) each expert's rows are tiled on their own. With `x_scale`, x is E4M3 with
+    those 1x128 scales and is dequantised first."""
+    if x_scale is not None:
+        x = dequantize_tiles(x, x_scale, x.shape[1])
+    parts = [x] if groups is None else x.split(groups.sizes())
+    q, s = zip(*(quantize_tiles(part.t(), power_of_two) for part in parts))
+    return torch.cat(q, 1), torch.cat(s, 1)
+
+
+def swiglu_quantize(gu: torch.Tensor, power_of_two: bool = False):
+    """gu = [gate | up] (rows, 2 * inter), inter a multiple of 128 -> h = silu(gate) * up in 1x128
+    tiles (the down projection's input), and gate and up in 1x128 tiles (the FP8 cache that
+    backward recomputes h from, RECIPE.md 4)."""
+    gate, up = gu.float().chunk(2, dim=1)
+    return (*quantize_tiles(F.silu(gate) * up, power_of_two), *quantize_tiles(gu, power_of_two))
+
+
+def swiglu_backward(cache: torch.Tensor, cache_scale: torch.Tensor, dh: torch.Tensor, dtype: torch.dtype):
+    """From the FP8 cache of [gate | up] and dh (rows, inter): h = silu(gate) * up again, and
+    d[gate | up], both in dtype."""
+    gate, up = dequantize_tiles(cache, cache_scale, cache.shape[1]).chunk(2, dim=1)
+    dh = dh.float()
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    dgu = torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * silu], dim=1)
+    return (silu * up).to(dtype), dgu.to(dtype)
