@@ -8,7 +8,8 @@ in E4M3 with fine-grained scales.
 The forward saves x already quantised (activation caching in FP8); the weight gradient takes it
 back through dequantise -> transpose -> requantise, as DeepSeek-V3 does. Master weights and their
 gradients stay FP32. Quantisation runs the Triton kernels on CUDA and the torch reference
-elsewhere; the GEMMs run cuBLASLt on Hopper and the exact emulation elsewhere (`gemm.py`).
+elsewhere; the Linear's GEMMs run cuBLASLt on Hopper (`gemm.py`), the experts' run our grouped
+Triton GEMMs (`grouped.py`), and both the exact emulation elsewhere.
 """
 from __future__ import annotations
 
