@@ -1,12 +1,15 @@
-"""Triton quantisation kernels: the GPU fast path of `quant.py`, with the same outputs.
+"""Triton kernels: the GPU fast path of `quant.py` (same outputs) and the grouped expert GEMMs.
 
 - `quantize_tiles`: 1x128 tiles along the last dim (activations, and gradients of outputs).
 - `quantize_tiles_transposed`: 1x128 tiles of x^T, i.e. 128x1 tiles of x, written transposed, in
-  one pass: what the weight gradient needs of the saved input and of the output gradient.
+  one pass, per expert when given `Groups`, optionally dequantising an FP8 input on the way in:
+  what the weight gradient needs of the saved input and of the output gradient.
 - `quantize_blocks`: 128x128 blocks (weights).
-Each program handles one tile or block; scales are amax/448 (clamped, optionally powers of two),
-and values are divided with IEEE rounding (div_rn), as torch divides, so the GPU results equal the
-reference bit for bit.
+- `swiglu_quantize`, `swiglu_backward`: the experts' SwiGLU fused with its quantisation, and its
+  backward from the FP8 cache of its input.
+- `launch_grouped_gemm`, `launch_grouped_wgrad`: the GEMMs behind `grouped.py`.
+Scales are amax/448 (clamped, optionally powers of two), and values are divided with IEEE
+rounding (div_rn), as torch divides, so the GPU quantisation equals the reference bit for bit.
 They run under TRITON_INTERPRET=1 on the CPU, where the float -> E4M3 cast rounds differently from
 torch's for about 2% of elements (tests allow one E4M3 step there and demand equality on the GPU).
 """
