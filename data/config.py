@@ -15,6 +15,10 @@ class DataConfig:
     vocab_size: int = 1024
     tokenizer_train_bytes: int = 64_000_000  # BPE training reads at most this much text
     text_field: str = "text"  # the column holding the text, for jsonl/parquet/hub sources
+    # A text file (.txt, .py, ...) holding a NUL byte is taken for binary, since text never holds one,
+    # and refused; true reads it anyway. Either way undecodable UTF-8 bytes become U+FFFD and are
+    # counted (meta.json's replaced_bytes), so text in another encoding only warns.
+    allow_binary: bool = False
     hf_split: str = "train"  # the split read from a hub dataset
     hf_subset: str = ""  # the hub dataset's configuration name, where it has several
     max_documents: int = 0  # read at most this many documents (0: all); for quick runs

@@ -1,6 +1,7 @@
 """Raw text -> tokens -> FIM -> packed token store: ``python -m dsv3.data.prepare [overrides]``.
 
-Reads the source named by ``data.source`` through Hugging Face ``datasets``, splits documents into
+Reads the source named by ``data.source`` (text and JSON files directly, Parquet and hub datasets
+through Hugging Face ``datasets``; a file that cannot be read fails naming it), splits documents into
 train and validation by a hash of their name, trains (or loads) the tokenizer, tokenises in
 ``data.num_proc`` processes with FIM on training documents, and writes a store (see store.py)
 under a temporary name that is renamed when complete. The store's folder name is a hash of every
@@ -20,6 +21,7 @@ import zlib
 from pathlib import Path
 
 import pyarrow.compute
+import pyarrow.parquet
 
 from .config import DataConfig
 from .fim import encode_documents
@@ -29,7 +31,8 @@ from .tokenizer import load_tokenizer, special_ids, tokenizer_sha256, train_bpe
 log = logging.getLogger("dsv3.data")
 
 TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".c", ".h", ".cpp", ".rs", ".go", ".js", ".ts", ".java"}
-TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+TABLE_SUFFIXES = {".jsonl", ".json", ".parquet"}
+DOCUMENT_SUFFIXES = TEXT_SUFFIXES | TABLE_SUFFIXES
 SHARD_TOKENS = 1 << 28  # 1 GiB of uint32 per shard
 
 
@@ -40,7 +43,7 @@ def stdlib_root() -> Path:
 def _is_local(source: str) -> bool:
     """A path that exists, or one that reads like a path (a hub name reads like `org/name`)."""
     path = Path(source).expanduser()
-    return path.exists() or source.startswith((".", "/", "~")) or path.suffix in TEXT_SUFFIXES | set(TABLE_SUFFIXES)
+    return path.exists() or source.startswith((".", "/", "~")) or path.suffix in DOCUMENT_SUFFIXES
 
 
 def source_identity(cfg: DataConfig) -> tuple[str, str]:
@@ -51,7 +54,10 @@ def source_identity(cfg: DataConfig) -> tuple[str, str]:
         path = Path(cfg.source).expanduser().resolve()
         if not path.exists():
             raise FileNotFoundError(f"data.source={cfg.source}: no such file or folder.")
-        stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in _local_files(path)]
+        try:
+            stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in _local_files(path)]
+        except OSError as error:
+            raise _cannot_read(cfg.source, error.filename or path, error) from None
         return path.name, f"local:{path}:{hashlib.sha256(repr(stamp).encode()).hexdigest()}"
     return cfg.source.replace("/", "_"), f"hub:{cfg.source}:{cfg.hf_subset}:{cfg.hf_split}"
 
@@ -72,19 +78,96 @@ def store_path(cfg: DataConfig, seed: int) -> Path:
 def _local_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | set(TABLE_SUFFIXES))
+    # A dangling link named like a document is listed too, so that it fails rather than shrinks the corpus.
+    return sorted(p for p in path.rglob("*") if p.suffix in DOCUMENT_SUFFIXES
+                  and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
-def _read_text_files(files: list[Path], root: Path) -> tuple[list[dict], int]:
-    """One document per file; undecodable bytes become U+FFFD and are counted."""
+def _cannot_read(source: str, file, error: OSError) -> ValueError:
+    return ValueError(f"data.source={source}: cannot read {file}: {error.strerror or error}.")
+
+
+def _read_bytes(file: Path, source: str) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as error:  # its own message lacks the setting, and for some errors the file too
+        raise _cannot_read(source, file, error) from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _read_text_files(files: list[Path], root: Path, source: str, allow_binary: bool) -> tuple[list[dict], int]:
+    """One document per file; undecodable bytes become U+FFFD and are counted. A file holding a NUL
+    byte is binary (text never holds one) and refused unless `allow_binary`."""
     rows, replaced = [], 0
     for file in files:
-        raw = file.read_bytes()
+        raw = _read_bytes(file, source)
+        if not allow_binary and b"\0" in raw:
+            raise ValueError(f"data.source={source}: {file} holds NUL bytes, so it is binary rather than text; "
+                             "remove it, or set data.allow_binary=true to read it anyway.")
         text = raw.decode("utf-8", errors="replace")
         if "\ufffd" in text:
             replaced += len(raw) - len(raw.decode("utf-8", errors="ignore").encode("utf-8"))
         rows.append({"text": text, "key": str(file.relative_to(root) if file != root else file.name)})
     return rows, replaced
+
+
+def _json_rows(file: Path, source: str):
+    """(where, row) for each row of a JSON Lines file, or of a .json file that holds one array of rows;
+    read here rather than by ``datasets`` so that an error can name the line."""
+    raw = _read_bytes(file, source)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"data.source={source}: {file} line {line} is not UTF-8, which JSON must be.") from None
+    array = file.suffix == ".json" and text.lstrip().startswith("[")
+    for number, chunk in [(1, text)] if array else enumerate(text.split("\n"), 1):  # not splitlines: U+2028
+        if not chunk.strip():
+            continue
+        try:
+            value = json.loads(chunk)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"data.source={source}: {file} line {number + error.lineno - 1} is not valid JSON: "
+                             f"{error.msg}.") from None
+        if array:
+            yield from ((f"item {i}", row) for i, row in enumerate(value, 1))
+        else:
+            yield f"line {number}", value
+
+
+def _json_texts(file: Path, cfg: DataConfig) -> list[str]:
+    """The data.text_field string of every row of a JSON file."""
+    texts = []
+    for where, row in _json_rows(file, cfg.source):
+        if not isinstance(row, dict):
+            raise ValueError(f"data.source={cfg.source}: {file} {where} is not a JSON object.")
+        if cfg.text_field not in row:
+            raise ValueError(f"data.text_field={cfg.text_field!r} is not a field of {file} {where} "
+                             f"(its fields: {', '.join(row) or 'none'}).")
+        if not isinstance(row[cfg.text_field], str):
+            raise ValueError(f"data.text_field={cfg.text_field!r} of {file} {where} is "
+                             f"{json.dumps(row[cfg.text_field])[:40]}, not a string.")
+        texts.append(row[cfg.text_field])
+    return texts
+
+
+def _read_parquet(files: list[Path], source: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    except Exception as error:  # datasets wraps pyarrow's error, which does not name the file: find it
+        for file in files:
+            try:
+                pyarrow.parquet.read_table(pyarrow.BufferReader(_read_bytes(file, source)))
+            except (OSError, pyarrow.ArrowException) as bad:
+                raise ValueError(f"data.source={source}: {file} is not a readable Parquet file: "
+                                 f"{_first_line(bad)}") from None
+        raise ValueError(f"data.source={source}: its Parquet files cannot be read together: "
+                         f"{_first_line(error.__cause__ or error)}") from None
 
 
 def read_source(cfg: DataConfig):
@@ -95,7 +178,8 @@ def read_source(cfg: DataConfig):
     if cfg.source == "stdlib":
         root = stdlib_root()
         files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
-        rows, replaced = _read_text_files(files, root)
+        # Source code by construction: a test-data file with a NUL byte must not break the default corpus.
+        rows, replaced = _read_text_files(files, root, cfg.source, allow_binary=True)
         dataset = datasets.Dataset.from_list(rows)
     elif _is_local(cfg.source):
         path = Path(cfg.source).expanduser().resolve()
@@ -104,25 +188,29 @@ def read_source(cfg: DataConfig):
         files = _local_files(path)
         root = path if path.is_dir() else path.parent
         text_files = [f for f in files if f.suffix in TEXT_SUFFIXES]
+        json_files = [f for f in files if f.suffix in (".jsonl", ".json")]
+        parquet_files = [f for f in files if f.suffix == ".parquet"]
         parts = []
         if text_files:
-            rows, replaced = _read_text_files(text_files, root)
+            rows, replaced = _read_text_files(text_files, root, cfg.source, cfg.allow_binary)
             parts.append(datasets.Dataset.from_list(rows))
-        for suffix, builder in TABLE_SUFFIXES.items():
-            table_files = [str(f) for f in files if f.suffix == suffix]
-            if table_files:
-                parts.append(_text_table(datasets.load_dataset(builder, data_files=table_files, split="train"),
-                                         cfg, cfg.source))
+        if json_files:
+            texts = [text for file in json_files for text in _json_texts(file, cfg)]
+            parts.append(datasets.Dataset.from_dict(  # rows are named by their text, as in _text_table
+                {"text": texts, "key": texts},
+                features=datasets.Features({"text": datasets.Value("string"), "key": datasets.Value("string")})))
+        if parquet_files:
+            parts.append(_text_table(_read_parquet(parquet_files, cfg.source), cfg, cfg.source))
         if not parts:
             raise ValueError(f"data.source={cfg.source} holds no readable files "
-                             f"({', '.join(sorted(TEXT_SUFFIXES | set(TABLE_SUFFIXES)))}).")
+                             f"({', '.join(sorted(DOCUMENT_SUFFIXES))}).")
         dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     else:
         try:
             hub = datasets.load_dataset(cfg.source, cfg.hf_subset or None, split=cfg.hf_split)
         except Exception as error:  # datasets raises many types; the first line says what failed
             raise ValueError(f"data.source={cfg.source} is neither a local path nor a Hugging Face dataset "
-                             f"that is cached or reachable: {str(error).splitlines()[0]}") from None
+                             f"that is cached or reachable: {_first_line(error)}") from None
         dataset = _text_table(hub, cfg, cfg.source)
     if cfg.max_documents:
         dataset = dataset.select(range(min(cfg.max_documents, len(dataset))))
@@ -136,7 +224,12 @@ def _text_table(table, cfg: DataConfig, name: str):
     if cfg.text_field not in table.column_names:
         raise ValueError(f"data.text_field={cfg.text_field!r} is not a column of {name} "
                          f"(its columns: {', '.join(table.column_names)}).")
-    texts = table.select_columns([cfg.text_field]).rename_column(cfg.text_field, "text")
+    kind = table.data.schema.field(cfg.text_field).type
+    if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
+        raise ValueError(f"data.text_field={cfg.text_field!r} of {name} holds {kind} values, not strings.")
+    texts = table.select_columns([cfg.text_field])
+    if cfg.text_field != "text":  # rename_column refuses a name already taken, even by the column itself
+        texts = texts.rename_column(cfg.text_field, "text")
     return texts.map(lambda batch: {"key": batch["text"]}, batched=True)  # rows are named by their text
 
 

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow
+import pyarrow.parquet
 import pytest
 from tokenizers import Tokenizer
 
@@ -142,8 +144,23 @@ def test_jsonl_source_reads_the_text_field(tmp_path):
     file.write_text("".join(json.dumps({"content": t, "id": i}) + "\n" for i, t in enumerate(TEXTS[:40])))
     store = open_store(data_cfg(tmp_path, source=str(file), text_field="content"), seed=0)
     assert sum(s["documents"] for s in store.meta["splits"].values()) == 40
-    with pytest.raises(ValueError, match="data.text_field='text' is not a column of .*rows.jsonl"):
+    with pytest.raises(ValueError, match="data.text_field='text' is not a field of .*rows.jsonl line 1 "
+                                         r"\(its fields: content, id\).$"):
         open_store(data_cfg(tmp_path, source=str(file), cache_dir=str(tmp_path / "other")), seed=0)
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.json", "rows.parquet"])
+def test_table_file_with_the_default_text_field_prepares_and_trains(tmp_path, name):
+    file, rows = tmp_path / name, [{"id": i, "text": t} for i, t in enumerate(TEXTS[:40])]
+    if name.endswith(".jsonl"):
+        file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    elif name.endswith(".json"):  # one array of rows
+        file.write_text(json.dumps(rows, indent=1))
+    else:
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), file)
+    store = open_store(data_cfg(tmp_path, source=str(file)), seed=0)
+    assert sum(s["documents"] for s in store.meta["splits"].values()) == 40
+    assert TokenLoader(store.split("train"), seq_len=16, seed=0).next_batch(2).shape == (2, 17)
 
 
 def test_stdlib_corpus_splits_by_file(tmp_path):
@@ -167,6 +184,60 @@ def test_empty_corpus_fails(tmp_path):
     (tmp_path / "corpus" / "empty.txt").write_text("")
     with pytest.raises(ValueError, match=r"data.source=.*corpus holds no non-empty documents."):
         open_store(data_cfg(tmp_path), seed=0)
+
+
+BAD_JSONL = {  # the second line of rows.jsonl -> what the error says
+    '{"body": "b"}': r"^data.text_field='text' is not a field of .*rows.jsonl line 2 \(its fields: body\).$",
+    '{"text": null}': r"^data.text_field='text' of .*rows.jsonl line 2 is null, not a string.$",
+    '{"text": 3}': r"^data.text_field='text' of .*rows.jsonl line 2 is 3, not a string.$",
+    '{"text": "b"': r"^data.source=.*rows.jsonl: .*rows.jsonl line 2 is not valid JSON: Expecting ',' delimiter.$",
+    '["b"]': r"^data.source=.*rows.jsonl: .*rows.jsonl line 2 is not a JSON object.$",
+}
+
+
+@pytest.mark.parametrize("line", BAD_JSONL)
+def test_bad_jsonl_row_is_named_by_file_and_line(tmp_path, line):
+    file = tmp_path / "rows.jsonl"
+    file.write_text('{"text": "a"}\n' + line + '\n{"text": "c"}\n')
+    cfg = data_cfg(tmp_path, source=str(file))
+    with pytest.raises(ValueError, match=BAD_JSONL[line]):
+        open_store(cfg, seed=0)
+    assert not Path(cfg.cache_dir).exists()
+
+
+def test_bad_parquet_is_named(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    good = tmp_path / "corpus" / "a.parquet"
+    pyarrow.parquet.write_table(pyarrow.table({"text": TEXTS[:20]}), good)
+    (tmp_path / "corpus" / "b.parquet").write_bytes(good.read_bytes()[:-100])  # truncated
+    with pytest.raises(ValueError, match=r"^data.source=.*corpus: .*b.parquet is not a readable Parquet file: "):
+        open_store(data_cfg(tmp_path), seed=0)
+    (tmp_path / "corpus" / "b.parquet").unlink()
+    pyarrow.parquet.write_table(pyarrow.table({"text": list(range(20))}), good)
+    with pytest.raises(ValueError, match=r"^data.text_field='text' of .*corpus holds int64 values, not strings.$"):
+        open_store(data_cfg(tmp_path), seed=0)
+
+
+@pytest.mark.parametrize("target, reason", [
+    ("nowhere.txt", "No such file or directory"),  # a dangling link
+    pytest.param("/proc/self/mem", "Input/output error",  # reading offset 0 of one's own memory fails
+                 marks=pytest.mark.skipif(not Path("/proc/self/mem").is_file(), reason="needs Linux /proc")),
+])
+def test_unreadable_file_is_named(tmp_path, corpus, target, reason):
+    (corpus / "sub" / "bad.txt").symlink_to(target)
+    cfg = data_cfg(tmp_path)
+    with pytest.raises(ValueError, match=rf"^data.source=.*corpus: cannot read .*corpus/sub/bad.txt: {reason}.$"):
+        open_store(cfg, seed=0)
+    assert not Path(cfg.cache_dir).exists()
+
+
+def test_binary_file_is_refused_unless_allowed(tmp_path, corpus):
+    (corpus / "image.txt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"^data.source=.*corpus: .*image.txt holds NUL bytes, so it is binary "
+                                         r"rather than text; remove it, or set data.allow_binary=true"):
+        open_store(data_cfg(tmp_path), seed=0)
+    store = open_store(data_cfg(tmp_path, allow_binary=True), seed=0)
+    assert store.meta["replaced_bytes"] == 128 * 4  # bytes 0x80-0xff are never valid UTF-8 alone
 
 
 def test_undecodable_bytes_are_replaced_and_counted(tmp_path, corpus):
@@ -296,3 +367,16 @@ def test_prepare_command_prints_the_store(tmp_path, corpus):
     bad = subprocess.run([sys.executable, "-m", "dsv3.data.prepare", f"data.source={tmp_path / 'missing'}"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no such file or folder" in bad.stderr
+
+
+def test_prepare_command_names_a_bad_line_and_writes_nothing(tmp_path):
+    file = tmp_path / "rows.jsonl"
+    file.write_text('{"text": "a"}\n{"text": "b", oops}\n')
+    result = subprocess.run([sys.executable, "-m", "dsv3.data.prepare", f"data.source={file}",
+                             f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=300"],
+                            capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert errors == [f"error: data.source={file}: {file} line 2 is not valid JSON: "
+                      "Expecting property name enclosed in double quotes."]
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
