@@ -104,6 +104,12 @@ class Placement:
         return 0
 
 
+def micro_batch_counts(schedule: str, pp: int) -> tuple[int, int]:
+    """(multiple, least): a step of `schedule` over pp ranks runs a multiple of `multiple` micro-batches
+    (DualPipe: 2, one half per chain), and at least `least` (enough to fill the pipeline)."""
+    return (2 if schedule == "dualpipe" else 1), (pp if schedule == "1f1b" else 2 * pp)
+
+
 def validate(schedule: str, pp: int, n_microbatches: int) -> None:
     """One sentence on why a schedule cannot run, or nothing."""
     if schedule not in SCHEDULES:
@@ -112,10 +118,10 @@ def validate(schedule: str, pp: int, n_microbatches: int) -> None:
         raise ValueError(f"parallel.schedule={schedule} needs parallel.pp >= 2, got {pp}.")
     if schedule == "dualpipe" and pp % 2:
         raise ValueError(f"parallel.schedule=dualpipe needs an even parallel.pp, got {pp}.")
-    if schedule == "dualpipe" and n_microbatches % 2:
-        raise ValueError(f"parallel.schedule=dualpipe needs an even number of micro-batches per step, got "
+    multiple, least = micro_batch_counts(schedule, pp)
+    if n_microbatches % multiple:  # DualPipe's two halves
+        raise ValueError(f"parallel.schedule={schedule} needs an even number of micro-batches per step, got "
                          f"{n_microbatches} (train.global_batch_size / (train.micro_batch_size x data ranks)).")
-    least = pp if schedule == "1f1b" else 2 * pp
     if n_microbatches < least:
         raise ValueError(f"parallel.schedule={schedule} with parallel.pp={pp} needs at least {least} micro-batches "
                          f"per step, got {n_microbatches} (train.global_batch_size / (train.micro_batch_size x "

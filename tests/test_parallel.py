@@ -119,15 +119,29 @@ def test_impossible_layouts_fail_with_one_sentence(pp, dp, ep, world, message):
         resolve_layout(ParallelConfig(pp=pp, dp=dp, ep=ep), world, 8)
 
 
-def adamw_steps(model, batches, optimizer_step, steps=3):
-    for step in range(steps):
-        tokens = batches(step)
-        model(tokens[:, :-1], tokens[:, 1:]).total(0.3).backward()
-        optimizer_step()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+STEPS, LR, BETAS, EPS, DECAY = 3, 1e-2, (0.9, 0.95), 1e-8, 0.1
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-7  # split batches vs one batch, as test_expert_and_data_parallel_equal_single_process
 
 
-def zero_worker(rank, world_size, ep):
+def snapshot(model, optimizer) -> dict:
+    """By name: the parameter, its clipped gradient and its AdamW moments (zeros before the first step)."""
+    out = {}
+    for name, p in model.named_parameters():
+        state, zeros = optimizer.state.get(p, {}), torch.zeros_like(p)
+        out[name] = {"param": p.detach().clone(), "grad": zeros if p.grad is None else p.grad.clone(),
+                     **{k: state.get(k, zeros).clone() for k in ("exp_avg", "exp_avg_sq")}}
+    return out
+
+
+def experts_of(state: dict, first: int, local: int) -> dict:
+    """A whole-model snapshot cut to one rank's routed experts."""
+    return {name: {k: v[first:first + local] if ".experts." in name else v for k, v in tensors.items()}
+            for name, tensors in state.items()}
+
+
+def zero_worker(rank, world_size, ep, starts):
+    """One ZeRO-1 step from each snapshot in `starts`, so that every step starts where the reference's
+    did; returns the norm, parameters and moments after each."""
     from dsv3.parallel.runtime import Runtime
     from dsv3.parallel.zero import build_zero_adamw
 
@@ -135,46 +149,85 @@ def zero_worker(rank, world_size, ep):
     mesh = build_mesh(layout, "cpu")
     runtime = Runtime(layout, mesh, rank, data_parallel_rank(mesh), stage_group(mesh))
     model = build(runtime.ep_group)
-    optimizer = build_zero_adamw(model, runtime, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+    optimizer = build_zero_adamw(model, runtime, lr=LR, betas=BETAS, eps=EPS, weight_decay=DECAY,
                                  state_dtype=torch.float32)
-    per_rank = BATCH // layout.data_parallel
+    first, per_rank = model.layers["1"].ffn.experts.first_expert, BATCH // layout.data_parallel
+    steps = []
+    for step, start in enumerate(starts):
+        start = experts_of(start, first, CFG["n_routed_experts"] // ep)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(start[name]["param"])
+        optimizer.load_state_dict({"state": {n: {**s, "step": torch.tensor(float(step))} for n, s in start.items()}})
+        tokens = global_batch(step)[runtime.data_rank * per_rank:(runtime.data_rank + 1) * per_rank]
+        model(tokens[:, :-1], tokens[:, 1:]).total(0.3).backward()
+        norm = optimizer.step(max_norm=0.5)
+        moments = optimizer.state_dict()["state"]  # whole per-parameter moments, as checkpoints store them
+        steps.append({"norm": norm, "state": {n: {"param": p.detach().clone(), **moments[n]}
+                                              for n, p in model.named_parameters()}})
+    return {"steps": steps, "first_expert": first,
+            "moment_bytes": sum(b.exp_avg.numel() for b in optimizer.buckets) * 4}
 
-    def my_batch(step):
-        return global_batch(step)[runtime.data_rank * per_rank:(runtime.data_rank + 1) * per_rank]
 
-    params = adamw_steps(model, my_batch, lambda: optimizer.step(max_norm=0.5))
-    moments = optimizer.state_dict()["state"]
-    return {"params": params, "first_expert": model.layers["1"].ffn.experts.first_expert,
-            "moment_bytes": sum(b.exp_avg.numel() for b in optimizer.buckets) * 4,
-            "exp_avg": {n: m["exp_avg"].clone() for n, m in moments.items()}}
+def adam_ratio(state: dict, step: int) -> torch.Tensor:
+    """r = m_hat / (sqrt(v_hat) + eps): an AdamW step moves a parameter by -lr * (r + weight_decay * p)."""
+    return (state["exp_avg"] / (1 - BETAS[0] ** step)) / ((state["exp_avg_sq"] / (1 - BETAS[1] ** step)).sqrt() + EPS)
+
+
+def assert_within(got: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, what: str) -> None:
+    excess = (got - expected).abs() - bound
+    assert excess.max() <= 0, f"{what}: off by up to {excess.max().item():.3g} beyond the bound"
 
 
 @pytest.mark.parametrize("world_size, ep", [(2, 1), (4, 2)])
 def test_zero1_steps_equal_unsharded_adamw(tmp_path, world_size, ep):
+    """Each of 3 steps, from the same parameters and moments, against torch's AdamW on the whole batch.
+
+    Bounds, with eps32 / 2 the relative error of one fp32 rounding:
+    - the reduced, clipped gradient g differs from the one-process one by the batch split's summation
+      order, |dg| <= GRAD_ATOL + GRAD_RTOL |g|;
+    - so m = b1 m' + (1-b1) g differs by (1-b1) |dg|, and sqrt(v) = sqrt(b2 v' + (1-b2) g^2), which is
+      sqrt(1-b2)-Lipschitz in g, by sqrt(1-b2) |dg|; each plus a few roundings of the old and new value;
+    - the parameters do not follow tightly from g: r = m_hat / (sqrt(v_hat) + eps) is ill-conditioned
+      where v is tiny (expert weights with gradients near eps move r by ~1e-3 here, p by ~4e-5). But r
+      is bounded: by Cauchy-Schwarz over the gradients so far, |m_t| <= (1-b1) sqrt(S_t v_t / (1-b2)) with
+      S_t = sum_{k<t} (b1^2/b2)^k, so |r| <= R_t = (1-b1)/(1-b1^t) sqrt(S_t (1-b2^t)/(1-b2)) = 1, 1.0004,
+      1.001 for t = 1, 2, 3: a step moves p by at most lr (R_t + wd |p|). From the same p, ZeRO's step
+      and torch's differ by lr |r_zero - r_torch| (<= 2 lr R_t), r computed from the moments each run
+      holds, plus rounding: per run ~3 roundings of |p| and ~7 of lr |r| (decay, sqrt, bias corrections,
+      eps, division, step, sum), ~6 more of lr |r| to recompute each r here: <= eps32 (3 |p| + 13 lr R_t),
+      with |p| before the step <= |p| after + 2 lr."""
     model = build()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     gains = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": gains, "weight_decay": 0.0}],
-                                  lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
-
-    def step():
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": DECAY}, {"params": gains, "weight_decay": 0.0}],
+                                  lr=LR, betas=BETAS, eps=EPS)
+    states, norms = [snapshot(model, optimizer)], []  # before each step, and after the last
+    for step in range(STEPS):
+        tokens = global_batch(step)
+        model(tokens[:, :-1], tokens[:, 1:]).total(0.3).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5))
         optimizer.step()
+        states.append(snapshot(model, optimizer))
         optimizer.zero_grad()
-
-    reference = adamw_steps(model, global_batch, step)
-    reference_moments = {n: optimizer.state[p]["exp_avg"] for n, p in model.named_parameters()}
-    results = run_ranks(zero_worker, world_size, tmp_path, ep)
-    local = CFG["n_routed_experts"] // ep
+    results = run_ranks(zero_worker, world_size, tmp_path, ep, states[:-1])
+    local, eps32, R = CFG["n_routed_experts"] // ep, torch.finfo(torch.float32).eps, 1.001
     total_params = sum(p.numel() for p in model.parameters())
     for result in results:
         first = result["first_expert"]
-        for name, value in result["params"].items():
-            expected = reference[name][first:first + local] if ".experts." in name else reference[name]
-            # Adam divides by sqrt(v): where v is tiny, fp32 summation-order differences grow to ~1e-6
-            torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-5)
-        for name, value in result["exp_avg"].items():  # whole moments, as checkpoints store them
-            expected = reference_moments[name]
-            expected = expected[first:first + local] if ".experts." in name else expected
-            torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-7, msg=name)
+        for step, (zero, norm) in enumerate(zip(result["steps"], norms), 1):
+            torch.testing.assert_close(zero["norm"], norm, rtol=1e-5, atol=1e-6)
+            before, after = experts_of(states[step - 1], first, local), experts_of(states[step], first, local)
+            for name, got in zero["state"].items():
+                old, new = before[name], after[name]
+                dg = GRAD_ATOL + GRAD_RTOL * new["grad"].abs()
+                assert_within(got["exp_avg"], new["exp_avg"],
+                              (1 - BETAS[0]) * dg + eps32 * (old["exp_avg"].abs() + new["exp_avg"].abs()),
+                              f"step {step} m of {name}")
+                root, old_root = new["exp_avg_sq"].sqrt(), old["exp_avg_sq"].sqrt()
+                assert_within(got["exp_avg_sq"].sqrt(), root, (1 - BETAS[1]) ** 0.5 * dg + eps32 * (old_root + root),
+                              f"step {step} sqrt(v) of {name}")
+                ratios = LR * (adam_ratio(got, step) - adam_ratio(new, step)).abs()
+                rounding = eps32 * (3 * (new["param"].abs() + 2 * LR) + 13 * LR * R)
+                assert_within(got["param"], new["param"], ratios + rounding, f"step {step} {name}")
         assert result["moment_bytes"] < 0.75 * total_params * 4  # each rank keeps a slice only

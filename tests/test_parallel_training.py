@@ -90,3 +90,11 @@ def test_impossible_pipeline_fails_with_one_sentence(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "parallel.schedule=dualpipe with parallel.pp=2 needs at least 4 micro-batches per step, got 2" in result.stderr
+
+
+def test_dualpipe_runs_a_batch_ramp_through_odd_micro_batch_counts(tmp_path):
+    """A ramp from 8 to 16 sequences of 2 per micro-batch step: unrounded it gives 10 and 14 sequences,
+    5 and 7 micro-batches, which DualPipe cannot split in two halves; it runs in counts of 4, 6, 8."""
+    train(tmp_path, 2, "parallel.pp=2", "parallel.schedule=dualpipe", "train.schedule.batch_ramp_start=8",
+          "train.schedule.batch_ramp_end=0.3")
+    assert [r["batch_size"] for r in records(tmp_path).values()] == [8, 8, 12, 12, 16, 16, 16, 16]

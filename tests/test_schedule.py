@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from dsv3.parallel.config import SCHEDULES
+from dsv3.parallel.schedules import validate
 from dsv3.train.config import ScheduleConfig
 from dsv3.train.optim import AdamW
 from dsv3.train.schedule import Schedule, plan, steps_for
@@ -69,6 +71,42 @@ def test_a_run_given_in_steps_takes_exactly_those_steps_with_a_ramp():
     s = plan(cfg, steps=500, tokens=0, seq_len=128, global_batch=64, batch_unit=8)
     assert steps_for(s) == 500
     assert s.batch_size(0) == 16 and s.batch_size(s.total_tokens) == 64
+
+
+def run_batches(s: Schedule, steps: int) -> list[int]:
+    """The global batch of each step, read as the Trainer reads it."""
+    sizes, tokens = [], 0
+    for _ in range(steps):
+        sizes.append(s.batch_size(tokens))
+        tokens += sizes[-1] * s.seq_len
+    return sizes
+
+
+def test_reported_dualpipe_ramp_runs_even_micro_batch_counts():
+    """The report: schedule=v3's ramp from 32 to 64 sequences, 4 per micro-batch step, pp=2 with
+    dualpipe, train.steps=2600. Unrounded, step 22 has 36 sequences, 9 micro-batches."""
+    cfg, unit = ScheduleConfig(batch_ramp_start=32), 4
+    assert run_batches(plan(cfg, 2600, 0, 128, 64, unit), 22)[-1] // unit == 9  # the ramp without a pipeline
+    s = plan(cfg, 2600, 0, 128, 64, unit, pipeline=("dualpipe", 2))  # as the Trainer plans a pipelined run
+    assert steps_for(s) == 2600
+    sizes = run_batches(s, 2600)
+    assert sizes[21] // unit == 8 and sizes[-1] == 64
+    for size in sizes:
+        validate("dualpipe", 2, size // unit)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("pp", [2, 4])
+def test_every_batch_of_the_ramp_suits_the_pipeline_schedule(schedule, pp):
+    """A ramp from 1 micro-batch, below every schedule's minimum, to 24, each of its batches checked."""
+    cfg, unit = ScheduleConfig(batch_ramp_start=4, batch_ramp_end=0.5), 4
+    s = plan(cfg, 300, 0, 128, 96, unit, pipeline=(schedule, pp))
+    assert steps_for(s) == 300
+    sizes = run_batches(s, 300)
+    assert set(sizes) == s.batch_sizes() and sizes == sorted(sizes) and sizes[-1] == 96
+    assert len(s.batch_sizes()) > 5  # a ramp, not one size
+    for size in s.batch_sizes():
+        validate(schedule, pp, size // unit)
 
 
 def test_bf16_moment_adamw():
