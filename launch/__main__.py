@@ -26,10 +26,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     from dsv3.train.config import compose
+    from dsv3.train.schedule import run_schedule
 
     try:
         cfg = OmegaConf.to_object(compose(args.overrides, resolve=True))  # runs every config check
-        check_layout(cfg.cluster, cfg.parallel, cfg.model.n_routed_experts)
+        layout = check_layout(cfg.cluster, cfg.parallel, cfg.model.n_routed_experts)
+        run_schedule(cfg, layout)  # every step's batch must split over the ranks, as the trainer checks
         if args.target == "local":
             command = local_command(cfg.cluster, args.overrides)
             print(" ".join(command), flush=True)

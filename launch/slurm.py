@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from dsv3.parallel.config import ParallelConfig
-from dsv3.parallel.mesh import resolve_layout
+from dsv3.parallel.mesh import Layout, resolve_layout
 
 from .config import ClusterConfig
 
@@ -57,11 +57,11 @@ def world_size(cluster: ClusterConfig) -> int:
     return cluster.nodes * cluster.ranks_per_node
 
 
-def check_layout(cluster: ClusterConfig, parallel: ParallelConfig, n_routed_experts: int) -> None:
+def check_layout(cluster: ClusterConfig, parallel: ParallelConfig, n_routed_experts: int) -> Layout:
     """The recipe's parallel layout must fit the ranks the cluster settings give."""
     world = world_size(cluster)
     try:
-        resolve_layout(parallel, world, n_routed_experts)
+        return resolve_layout(parallel, world, n_routed_experts)
     except ValueError as error:
         per_node = "cluster.gpus_per_node" if cluster.gpus_per_node else "cluster.procs_per_node"
         raise ValueError(f"cluster.nodes={cluster.nodes} x {per_node}={cluster.ranks_per_node} = {world} ranks "

@@ -56,5 +56,5 @@ def test_train_entry_point_prepares_the_corpus_and_writes_metrics(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     for key in ("loss", "main_loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "tokens_per_s", "max_violation"):
         assert all(isinstance(r[key], float) for r in records), key
-    assert (run_dir / ".hydra" / "config.yaml").exists()  # the resolved recipe, kept with the run
+    assert (run_dir / "config.yaml").exists()  # the resolved recipe, kept with the run
     assert len(list((tmp_path / "data_cache").glob("stdlib-*/meta.json"))) == 1

@@ -62,10 +62,8 @@ def test_exact_resume_after_kill(tmp_path, straight):
     process.kill()
     process.wait()
     resumed = trainer(tmp_path, "train.steps=24", "train.checkpoint_every=8")
-    resumed.resume()
-    assert 8 <= resumed.step < 24  # it really resumed mid-run
-    resumed.cfg.train.resume = "never"  # already loaded above
-    resumed.run()
+    history = resumed.run()
+    assert 9 <= history[0]["step"] <= 24  # it really resumed mid-run
     assert losses(tmp_path) == losses(reference_dir)  # bitwise: JSON keeps every float exactly
     assert all(torch.equal(a, b) for a, b in zip(expert_biases(resumed), expert_biases(reference)))
     assert any(b.abs().sum() > 0 for b in expert_biases(resumed))  # biases moved, and were restored
@@ -107,7 +105,9 @@ def test_resume_auto_skips_a_torn_or_corrupt_newest_checkpoint(tmp_path, caplog)
     again = trainer(tmp_path, "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=5")
     again.resume()
     assert again.step == 4
-    assert "skipping checkpoint" in caplog.text and "step_00000006" in caplog.text
+    assert "cannot be loaded" in caplog.text and data_file.name in caplog.text
+    assert [p.name for p in again.checkpointer.complete()] == ["step_00000004", "step_00000002"]
+    assert (checkpoints / "latest").read_text().strip() == "step_00000004"
 
 
 def test_explicit_resume_of_a_missing_checkpoint_fails_with_one_sentence(tmp_path):
@@ -191,9 +191,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_chosen(tmp_path):
     process.wait()
     assert torn.exists() and not (tmp_path / "checkpoints" / "step_00000004").exists()
     again = trainer(tmp_path, *big)
-    again.resume()
-    assert again.step == 2
-    again.cfg.train.resume = "never"
-    again.run()
+    history = again.run()
+    assert history[0]["step"] == 3  # resumed from step 2
     assert not torn.exists()  # the next save cleared it
     assert [p.name for p in again.checkpointer.complete()][0] == "step_00000006"

@@ -3,6 +3,7 @@ every recipe in ``recipes/`` is merged into. A key that does not exist, or a val
 type, fails at start with Hydra's message naming the key."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,12 @@ class ScheduleConfig:
         for name in ("batch_ramp_end", "mtp_switch", "bias_freeze"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"train.schedule.{name} must lie in [0, 1], got {getattr(self, name)}.")
+        for name in ("lr", "decayed_lr", "final_lr"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"train.schedule.{name} must be a positive learning rate, got {getattr(self, name)}.")
+        for name in ("mtp_weight", "mtp_weight_late", "bias_update_speed", "batch_ramp_start"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"train.schedule.{name} must be >= 0, got {getattr(self, name)}.")
 
 
 @dataclass
@@ -81,7 +88,10 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end and on preemption)
     keep_checkpoints: int = 3  # the newest K complete checkpoints are kept
     async_checkpoint: bool = False  # write checkpoints in the background after staging them
-    resume: str = "auto"  # auto: the newest complete checkpoint of run_dir, if any; never; or a path
+    # auto: continue the run in run_dir from its newest usable checkpoint, if any; never: a new run,
+    # refused if run_dir holds one; fresh: a new run, the old one moved to run_dir/replaced-<time>/;
+    # or a checkpoint's path
+    resume: str = "auto"
     peak_tflops: float = 0.0  # the device's dense BF16 peak for MFU; 0: known GPUs by name
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)

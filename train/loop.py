@@ -29,17 +29,19 @@ from dsv3.model import ModelConfig, Transformer, count, update_expert_bias
 from dsv3.parallel import runtime as parallel_runtime
 from dsv3.parallel.expert_parallel import (expert_tensors, join_experts, join_optimizer_experts, shard_experts,
                                            split_experts, split_optimizer_experts)
-from dsv3.parallel.mesh import pipeline_lines
+from dsv3.parallel.mesh import Layout, pipeline_lines
 from dsv3.parallel.pipeline import Cut, Pipeline, Replicas, StageLinks, build_stage_module, split_layers
 from dsv3.parallel.runtime import Runtime
-from dsv3.parallel.schedules import Placement, validate
+from dsv3.parallel.schedules import Placement
 from dsv3.parallel.zero import ZeroAdamW, build_zero_adamw
 
-from .checkpoint import Checkpointer
+from .run_dir import CONFIG as RUN_CONFIG
+from .run_dir import differences, holds_run, move_run_aside, refuse_if_different, saved_config, write_config
+from .checkpoint import Checkpointer, first_line, step_of
 from .config import Config
 from .metrics import MetricsLog
 from .optim import build_optimizer
-from .schedule import plan, steps_for
+from .schedule import run_schedule, steps_for
 
 log = logging.getLogger("dsv3.train")
 
@@ -128,10 +130,10 @@ class Trainer:
         tc = cfg.train
         device, self.runtime = parallel_runtime.start(cfg.parallel, cfg.model.n_routed_experts, tc.device)
         self.device = device or pick_device(tc.device)
-        self.data_parallel = self.runtime.layout.data_parallel if self.runtime else 1
-        if tc.global_batch_size % (tc.micro_batch_size * self.data_parallel):
-            raise ValueError(f"train.global_batch_size={tc.global_batch_size} is not a multiple of "
-                             f"train.micro_batch_size={tc.micro_batch_size} x {self.data_parallel} data-parallel ranks.")
+        layout = self.runtime.layout if self.runtime else Layout(1, 1, 1)
+        self.data_parallel = layout.data_parallel
+        self.schedule = run_schedule(cfg, layout)  # checks every step's batch before anything is built
+        self.total_steps = tc.steps or steps_for(self.schedule)
         self.is_main = self.runtime is None or self.runtime.is_main
         if not self.is_main:
             logging.getLogger("dsv3").setLevel(logging.WARNING)
@@ -142,9 +144,6 @@ class Trainer:
         self.model = self._model()
         self.optimizer = self._optimizer()
         self.loader = build_loader(cfg.data, cfg.model, cfg.seed, runtime=self.runtime)
-        self.schedule = plan(tc.schedule, tc.steps, tc.tokens, cfg.data.seq_len, tc.global_batch_size,
-                             tc.micro_batch_size * self.data_parallel)
-        self.total_steps = tc.steps or steps_for(self.schedule)
         self.step = 0
         self.tokens = 0
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", tc.keep_checkpoints, tc.async_checkpoint,
@@ -152,10 +151,6 @@ class Trainer:
         counts = count(cfg.model, cfg.data.seq_len)
         self.flop_per_token = counts.flop_per_token + counts.mtp_flop_per_token
         self.peak_flops = peak_flops(self.device, tc.peak_tflops)
-        if self.cut is not None:  # every micro-batch count of the run must suit the schedule
-            for batch_size in {self.schedule.batch_size(0), self.schedule.batch_size(math.inf)}:
-                validate(cfg.parallel.schedule, self.runtime.layout.pp,
-                         batch_size // (tc.micro_batch_size * self.data_parallel))
 
     def _cut(self) -> Cut | None:
         if self.runtime is None or self.runtime.layout.pp == 1:
@@ -207,8 +202,7 @@ class Trainer:
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        trainer = {"step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict(), "rng": rng,
-                   "config": OmegaConf.to_yaml(OmegaConf.structured(self.cfg))}
+        trainer = {"step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict(), "rng": rng}
         return {"model": model, "optimizer": optimizer, "trainer": trainer}
 
     def load_state_dict(self, state: dict) -> None:
@@ -227,34 +221,87 @@ class Trainer:
         if "cuda" in trainer["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(trainer["rng"]["cuda"], self.device)
 
+    def config_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.structured(self.cfg))
+
     def resume(self) -> None:
-        """train.resume=auto: the newest complete checkpoint that loads; a corrupt one is skipped
-        with a warning naming it. train.resume=PATH: that checkpoint, or a clear error."""
+        """Continues the run in train.run_dir, or refuses to start in it. train.resume=auto: the
+        newest complete checkpoint that verifies and loads (one that does not is moved aside with
+        a warning naming it), if the settings that define the run are unchanged; never: a new run,
+        refused if the directory already holds one; fresh: a new run, the old one moved aside;
+        PATH: that checkpoint (of this run or another with the same model), or a clear error."""
         tc = self.cfg.train
-        if tc.resume == "never":
+        if tc.resume in ("never", "fresh"):
+            if holds_run(self.run_dir):
+                if tc.resume == "never":
+                    raise ValueError(f"train.run_dir={self.run_dir} already holds a run and train.resume=never "
+                                     "would write over it: continue it with train.resume=auto, move it aside and "
+                                     "start over with train.resume=fresh, or choose another train.run_dir.")
+                if self.is_main:
+                    log.warning("train.resume=fresh: moved the previous run to %s", move_run_aside(self.run_dir))
+                self._barrier()
             return
         explicit = tc.resume != "auto"
+        if explicit and Path(tc.resume).resolve().parent != self.checkpointer.directory.resolve() \
+                and holds_run(self.run_dir):
+            raise ValueError(f"train.run_dir={self.run_dir} already holds a run, and train.resume={tc.resume} "
+                             "belongs to another: start from that checkpoint in a new train.run_dir.")
+        requested = self.config_yaml()
         candidates = [Path(tc.resume)] if explicit else self.checkpointer.complete()
         for path in candidates:
+            try:
+                self.checkpointer.verify(path)
+                saved = self.checkpointer.saved_config(path)
+            except Exception as error:
+                self._unusable(path, error)
+                continue
+            if saved is not None:  # checked before loading: a changed run is refused, not skipped
+                self._refuse_changed_settings(path, saved, requested, explicit)
             try:
                 state = self.state_dict()
                 self.checkpointer.load(path, state)
                 self.load_state_dict(state)
             except Exception as error:  # a torn or foreign checkpoint fails in many ways
-                if explicit:
-                    raise ValueError(f"train.resume={tc.resume} cannot be loaded: {error}") from None
-                log.warning("skipping checkpoint %s, which cannot be loaded: %s", path, str(error).splitlines()[0])
+                self._unusable(path, error)
                 continue
+            for newer in [p for p in self.checkpointer.complete() if step_of(p) > self.step]:
+                log.warning("checkpoint %s is newer than the one resumed; moved it to %s", newer,
+                            self.checkpointer.move_aside(newer, "superseded"))
             log.info("resumed from %s at step %d (%d tokens)", path, self.step, self.tokens)
             return
+        saved = saved_config(self.run_dir)  # a run stopped before its first checkpoint
+        if saved is not None:
+            refuse_if_different(self.run_dir, saved, requested, RUN_CONFIG)
         if candidates:  # every load failed, possibly half-way: start from a clean slate
             self.model = self._model()
             self.optimizer = self._optimizer()
             self.loader.load_state_dict({**self.loader.state_dict(), "samples_seen": 0})
             self.step = self.tokens = 0
 
+    def _unusable(self, path: Path, error: Exception) -> None:
+        """An explicit train.resume=PATH stops with the reason; an automatic resume moves the
+        checkpoint aside and tries the one before."""
+        if self.cfg.train.resume != "auto":
+            raise ValueError(f"train.resume={self.cfg.train.resume} cannot be loaded: {first_line(error)}") from None
+        aside = self.checkpointer.move_aside(path, "unloadable")
+        log.warning("checkpoint %s cannot be loaded (%s); moved it to %s and trying the one before",
+                    path, first_line(error), aside)
+
+    def _refuse_changed_settings(self, path: Path, saved: str, requested: str, explicit: bool) -> None:
+        if not explicit:  # the same run: only what MAY_CHANGE may differ
+            refuse_if_different(self.run_dir, saved, requested, f"checkpoint {path.name}")
+            return
+        changed = differences(saved, requested, only_model=True)  # another run: the weights must fit
+        if changed:
+            raise ValueError(f"train.resume={path} holds a model with other settings ({'; '.join(changed[:4])}); "
+                             "set the model as it was saved.")
+
+    def _barrier(self) -> None:
+        if self.runtime is not None:
+            self.runtime.barrier()
+
     def save(self) -> None:
-        self.checkpointer.save(self.step, self.state_dict())
+        self.checkpointer.save(self.step, self.state_dict(), self.config_yaml())
 
     # --- steps -----------------------------------------------------------------------------------
 
@@ -397,6 +444,8 @@ class Trainer:
             return []
         log.info("training %s: steps %d..%d of %d-token sequences on %s from %s", self.run_dir,
                  self.step + 1, self.total_steps, self.cfg.data.seq_len, self.device, self.cfg.data.source)
+        if self.is_main:  # what runs now, once every check has passed
+            write_config(self.run_dir, self.config_yaml())
         config = OmegaConf.to_container(OmegaConf.structured(self.cfg))
         metrics = (MetricsLog(self.run_dir, tc.wandb, config, self.total_steps, self.step, tc.log_every)
                    if self.is_main else None)
