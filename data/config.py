@@ -23,7 +23,7 @@ class DataConfig:
     hf_subset: str = ""  # the hub dataset's configuration name, where it has several
     max_documents: int = 0  # read at most this many documents (0: all); for quick runs
     validation_fraction: float = 0.02  # documents (files, for stdlib) hashed into the validation split
-    # Fill-in-the-middle, per training document, before packing (RECIPE.md section 6)
+    # Fill-in-the-middle, per training document, before packing (report section 4.1)
     fim_rate: float = 0.1
     fim_spm_rate: float = 0.0  # of the FIM documents, the share in SPM rather than PSM order
     num_proc: int = 2  # tokenisation processes

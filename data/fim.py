@@ -1,4 +1,4 @@
-"""Fill-in-the-middle (RECIPE.md section 6), applied per document before packing.
+"""Fill-in-the-middle (report section 4.1), applied per document before packing.
 
 A FIM document is cut at two random character positions into prefix, middle and suffix, each
 tokenised on its own, and laid out as

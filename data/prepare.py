@@ -346,6 +346,19 @@ def open_store(cfg: DataConfig, seed: int) -> TokenStore:
     return prepare(cfg, seed, path)
 
 
+USAGE = """\
+usage: python -m dsv3.data.prepare [OVERRIDE ...]
+
+Prepares the token store a run would read (tokenizer, FIM, packing), once, under data.cache_dir,
+and prints its path and split sizes. The arguments are Hydra overrides, the same as dsv3-train's
+(python -m dsv3.train --help lists the config groups and fields).
+
+examples:
+  python -m dsv3.data.prepare                  # the embedded corpus, as make train uses it
+  python -m dsv3.data.prepare data=files data.source=/data/code data.vocab_size=32768 data.num_proc=16
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -354,9 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     from dsv3.model.summary import describe
     from dsv3.train.config import compose
 
+    overrides = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in overrides):
+        print(USAGE, end="")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        cfg = compose(sys.argv[1:] if argv is None else argv)
+        cfg = compose(overrides)
         data_cfg = OmegaConf.to_object(cfg.data)
         store = open_store(data_cfg, cfg.seed)
     except (HydraException, OmegaConfBaseException, ValueError, FileNotFoundError) as error:

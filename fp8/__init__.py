@@ -23,7 +23,7 @@ class FP8Config:
 
 
 class DispatchCodec:
-    """What an expert-parallel dispatcher sends in FP8 (RECIPE.md 4: dispatch in FP8 with
+    """What an expert-parallel dispatcher sends in FP8 (report section 3.3.3: dispatch in FP8 with
     power-of-two scales): 1x128 E4M3 tiles as bytes, and their scales. The experts' FP8 GEMM then
     quantises the decoded rows again, which reproduces the same E4M3 values when it also uses
     power-of-two scales (fp8.power_of_two_scales=true)."""
@@ -43,7 +43,7 @@ class DispatchCodec:
 
 
 def convert(model: nn.Module, cfg: FP8Config) -> list[str]:
-    """Turns the model's GEMMs that RECIPE.md section 4 runs in FP8 into FP8 ones, in place (same
+    """Turns the model's GEMMs that the report (section 3.3.1) runs in FP8 into FP8 ones, in place (same
     parameters, same names): every Linear of MLA, the dense MLPs and the shared experts, and the
     routed experts. The embedding, output head, MTP projection, routers and norms stay as they
     are, and attention's core is not a Linear. Expert-parallel dispatchers send FP8 (combine

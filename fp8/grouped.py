@@ -1,7 +1,7 @@
 """Grouped FP8 GEMMs for the routed experts: one launch for all experts, blockwise scales.
 
 PyTorch has no blockwise-scaled grouped GEMM on Hopper (`torch._scaled_grouped_mm` takes rowwise
-scales only), so these are Triton kernels written the way RECIPE.md section 4 describes the GEMM:
+scales only), so these are Triton kernels written the way report section 3.3.2 describes the GEMM:
 each 128-wide K step is one E4M3 tensor-core product, promoted to FP32 registers and multiplied by
 that step's activation and weight scales before it is added to the FP32 accumulator.
 

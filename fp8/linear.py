@@ -1,8 +1,8 @@
-"""FP8 training layers (RECIPE.md section 4): a Linear and the routed experts with all three GEMMs
+"""FP8 training layers (report section 3.3): a Linear and the routed experts with all three GEMMs
 in E4M3 with fine-grained scales.
 
     forward  y  = x @ W^T     x in 1x128 tiles, W in 128x128 blocks; y in the compute dtype
-    dgrad    dx = dy @ W      dy in 1x128 tiles (never 128x128: RECIPE.md App. B.2), W's blocks
+    dgrad    dx = dy @ W      dy in 1x128 tiles (never 128x128: report App. B.2), W's blocks
     wgrad    dW = dy^T @ x    both in 1x128 tiles along the token dimension (128x1 tiles of dy, x)
 
 The forward saves x already quantised (activation caching in FP8); the weight gradient takes it
@@ -82,7 +82,7 @@ class FP8ExpertsFunction(torch.autograd.Function):
     """All routed experts' SwiGLU MLPs, y_e = (silu(x_e W1_e) * x_e W3_e) W2_e, in grouped FP8 GEMMs.
 
     Gate and up run as one GEMM against [W1 | W3]. Forward saves x and [gate | up] in FP8 (1x128
-    tiles); backward recomputes the SwiGLU output from that cache (RECIPE.md 4) and runs Dgrad
+    tiles); backward recomputes the SwiGLU output from that cache (report section 3.3.3) and runs Dgrad
     against the forward's FP8 weights and Wgrad over each expert's own 128-token tiles.
     """
 

@@ -1,4 +1,4 @@
-"""Fine-grained E4M3 quantisation (RECIPE.md section 4), the reference every kernel is tested
+"""Fine-grained E4M3 quantisation (report section 3.3.2), the reference every kernel is tested
 against and the path used off the GPU.
 
 Activations: 1x128 tiles, one scale per token per 128 channels. Weights: 128x128 blocks. A scale
@@ -72,7 +72,7 @@ def quantize_tiles_transposed(x: torch.Tensor, power_of_two: bool = False, group
 def swiglu_quantize(gu: torch.Tensor, power_of_two: bool = False):
     """gu = [gate | up] (rows, 2 * inter), inter a multiple of 128 -> h = silu(gate) * up in 1x128
     tiles (the down projection's input), and gate and up in 1x128 tiles (the FP8 cache that
-    backward recomputes h from, RECIPE.md 4)."""
+    backward recomputes h from, report section 3.3.3)."""
     gate, up = gu.float().chunk(2, dim=1)
     return (*quantize_tiles(F.silu(gate) * up, power_of_two), *quantize_tiles(gu, power_of_two))
 

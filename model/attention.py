@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (RECIPE.md 1.3; DeepSeek-V3 report section 2.1.1).
+"""Multi-head Latent Attention (DeepSeek-V3 report section 2.1.1, eqs 1-11).
 
 Queries go through an optional low-rank latent c_q; keys and values through a latent c_kv of
 width kv_lora_rank. A single 64-d rotary key k_rope is shared by all heads. Per head the query

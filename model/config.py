@@ -1,4 +1,4 @@
-"""The model's shape, as one typed config (RECIPE.md section 1).
+"""The model's shape, as one typed config (report sections 2.1 and 4.2; docs/recipe.md).
 
 Field names follow DeepSeek-V3's ``inference/model.py`` ``ModelArgs`` so a released
 ``config_*.json`` reads across one to one. Hydra builds this dataclass from ``recipes/model/*.yaml``;

@@ -1,6 +1,6 @@
 """Parameter and FLOP counts from the config alone, for sizing runs and for MFU.
 
-Conventions (RECIPE.md 1.1 and 7):
+Conventions (ours; docs/recipe.md, model table):
 - totals include the embedding and the output head; activated counts take the top-k routed experts
   plus the shared experts of each MoE layer. The router bias is a buffer, not a parameter.
 - model FLOPs per token = 3 x forward (forward + backward), where forward = 2 x activated GEMM

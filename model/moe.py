@@ -1,4 +1,4 @@
-"""DeepSeekMoE with auxiliary-loss-free balancing (RECIPE.md 1.4 and 2; report eqs 12-20).
+"""DeepSeekMoE with auxiliary-loss-free balancing (report section 2.1.2, eqs 12-20; docs/recipe.md).
 
 One MoE layer: a router picks top-k routed experts per token, a dispatcher groups the tokens by
 expert, the experts run as one grouped computation, the dispatcher puts the results back in token

@@ -1,4 +1,4 @@
-"""RMSNorm, computed in fp32 whatever the input dtype (RECIPE.md 1.2: norms stay high precision)."""
+"""RMSNorm, computed in fp32 whatever the input dtype (report section 3.3.1: norms stay high precision)."""
 import torch
 from torch import nn
 

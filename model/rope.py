@@ -1,4 +1,4 @@
-"""Rotary position embedding on the decoupled 64-d query/key part, with YaRN (RECIPE.md 1.5).
+"""Rotary position embedding on the decoupled 64-d query/key part, with YaRN (report section 4.3).
 
 Channel pairs are adjacent (the "interleaved" convention of DeepSeek-V3's reference): pair j is
 (x[2j], x[2j+1]), rotated by angle position * freq_j.

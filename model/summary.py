@@ -30,14 +30,30 @@ def describe(error: BaseException) -> str:
     return f"{error}\n{cause}" if cause is not None and str(cause) not in str(error) else str(error)
 
 
+USAGE = """\
+usage: python -m dsv3.model.summary [OVERRIDE ...]
+
+Sizes a recipe's model without allocating it: exact parameter counts (total, activated, MTP) and
+model FLOPs per trained token at data.seq_len, one "name: value" per line. The arguments are Hydra
+overrides, the same as dsv3-train's (python -m dsv3.train --help lists the config groups and fields).
+
+example:
+  python -m dsv3.model.summary model=v3_671b data.seq_len=4096
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from dsv3.train.config import compose
 
+    overrides = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in overrides):
+        print(USAGE, end="")
+        return 0
     try:
-        cfg = compose(sys.argv[1:] if argv is None else argv)
+        cfg = compose(overrides)
         model_cfg = OmegaConf.to_object(cfg.model)
         seq_len = cfg.data.seq_len
     except (HydraException, OmegaConfBaseException, ValueError) as error:

@@ -1,5 +1,5 @@
 """The DeepSeek-V3 Transformer: pre-norm blocks of MLA + (dense FFN | DeepSeekMoE), a final norm,
-an untied output head, and D sequential multi-token-prediction modules (RECIPE.md 1.2 and 3)."""
+an untied output head, and D sequential multi-token-prediction modules (report sections 2.1-2.2)."""
 from __future__ import annotations
 
 import zlib

@@ -1,4 +1,4 @@
-"""How the ranks of a run are laid out (RECIPE.md section 5: DeepSeek-V3 used PP, EP and ZeRO-1
+"""How the ranks of a run are laid out (report section 3.2: DeepSeek-V3 used PP, EP and ZeRO-1
 data parallelism, no tensor parallelism)."""
 from dataclasses import dataclass, field
 

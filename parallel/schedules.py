@@ -1,4 +1,4 @@
-"""Pipeline schedules: which rank runs what, in which order (RECIPE.md section 5).
+"""Pipeline schedules: which rank runs what, in which order (report section 3.2.1; docs/recipe.md).
 
 A schedule is a list of actions per pipeline rank. Actions name a *virtual stage* (a slice of the
 model placed on one rank) and a micro-batch:
@@ -36,7 +36,7 @@ class Action:
     mb: int  # micro-batch (for FB: of the forward)
     b_stage: int = -1  # FB only: the backward's stage and micro-batch
     b_mb: int = -1
-    phase: int = 0  # DualPipe(V): which of the 8 phases of RECIPE.md emitted it
+    phase: int = 0  # DualPipe(V): which of the 8 phases of DualPipe's dualpipe.py emitted it
 
     def __str__(self) -> str:
         if self.kind == "FB":
@@ -201,7 +201,7 @@ def _zbv(rank: int, pp: int, n: int) -> list[Action]:
 
 class _DualPipeOrder:
     """Builds one rank's DualPipe or DualPipeV order from its two chunks, following the eight
-    phases of DeepSeek's DualPipe (RECIPE.md section 5)."""
+    phases of deepseek-ai/DualPipe's dualpipe/dualpipe.py."""
 
     def __init__(self, chunk_stages: tuple[int, int], mb_offsets: tuple[int, int]):
         self.stages, self.offsets = chunk_stages, mb_offsets

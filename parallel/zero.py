@@ -1,4 +1,4 @@
-"""ZeRO-1 AdamW: optimizer states sharded over the data-parallel ranks (RECIPE.md section 4).
+"""ZeRO-1 AdamW: optimizer states sharded over the data-parallel ranks (report sections 3.2, 3.3.3).
 
 Parameters are grouped into flat buckets that share a process group and a weight decay: dense
 matrices and dense norm gains over the stage's dp * ep ranks, routed experts over dp. For each

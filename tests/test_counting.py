@@ -1,4 +1,4 @@
-"""Parameter and FLOP counts: RECIPE.md's figures, and the formulas against real modules."""
+"""Parameter and FLOP counts: docs/recipe.md's figures, and the formulas against real modules."""
 import time
 
 import pytest
@@ -24,10 +24,10 @@ def test_v3_671b_matches_the_report():
     start = time.perf_counter()
     cfg = recipe("v3_671b")
     counts = count(cfg, seq_len=4096)
-    assert counts.total_params / 1e9 == pytest.approx(671.03, abs=0.005)  # RECIPE.md 1.1
+    assert counts.total_params / 1e9 == pytest.approx(671.03, abs=0.005)  # docs/recipe.md (report: 671B / 37B)
     assert counts.activated_params / 1e9 == pytest.approx(37.55, abs=0.005)
     assert counts.mtp_params / 1e9 == pytest.approx(11.5, rel=0.015)  # README_WEIGHTS: 11.5B unique
-    assert counts.flop_per_token / 1e9 == pytest.approx(250.0, rel=0.02)  # RECIPE.md 7
+    assert counts.flop_per_token / 1e9 == pytest.approx(250.0, rel=0.02)  # docs/recipe.md, our count
     assert counts.mtp_flop_per_token / 1e9 == pytest.approx(10.2, rel=0.02)
 
     with torch.device("meta"):  # the real modules, without allocating a byte

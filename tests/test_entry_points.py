@@ -32,6 +32,22 @@ def test_summary_prints_named_values():
     assert float(values["gflop_per_token"]) == pytest.approx(250.45, abs=0.01)
 
 
+@pytest.mark.parametrize("module, usage", [
+    ("dsv3.data.prepare", "usage: python -m dsv3.data.prepare"),
+    ("dsv3.model.summary", "usage: python -m dsv3.model.summary"),
+    ("dsv3.train", "Configuration groups"),
+    ("dsv3.train.plot", "usage:"),
+    ("dsv3.launch", "usage: dsv3-launch"),
+    ("dsv3.parallel.schedules", "usage:"),
+])
+def test_every_entry_point_answers_help(module, usage, tmp_path):
+    """--help prints usage and exits 0, without composing a recipe or writing anything."""
+    result = run("-m", module, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert usage in result.stdout
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.no_such_key=1", "Could not override 'model.no_such_key'"),
     ("model.dim=wide", "Value 'wide' of type 'str' could not be converted to Integer"),

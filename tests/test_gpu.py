@@ -112,7 +112,7 @@ def test_fp8_grouped_experts_on_gpu_equal_the_cpu_emulation():
     with an expert that gets no rows, one with several tiles and one with a partial tile."""
     from dsv3.fp8.linear import FP8ExpertsFunction
 
-    # Tensor cores sum each 128-wide K group in reduced precision (RECIPE.md 4), and the SwiGLU
+    # Tensor cores sum each 128-wide K group in reduced precision (report section 3.3.2), and the SwiGLU
     # output recomputed on the GPU may round to the neighbouring E4M3 value: 0.1-1.1% measured.
     tolerance = 2e-2
 

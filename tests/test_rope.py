@@ -1,4 +1,4 @@
-"""RoPE and YaRN against RECIPE.md 1.5 and an independent complex-number reference."""
+"""RoPE and YaRN against report section 4.3 and an independent complex-number reference."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""The DeepSeekMoE router and aux-loss-free balancing (RECIPE.md 1.4, 2)."""
+"""The DeepSeekMoE router and aux-loss-free balancing (report section 2.1.2)."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""The recipe's schedules at every boundary (RECIPE.md section 6), and the BF16-moment AdamW."""
+"""The recipe's schedules at every boundary (report section 4.2), and the BF16-moment AdamW."""
 import math
 
 import pytest
@@ -63,7 +63,7 @@ def test_batch_ramp_in_whole_micro_batches():
 
 
 def test_v3_run_takes_about_243k_steps():
-    assert steps_for(v3()) == pytest.approx(243_000, rel=0.01)  # RECIPE.md section 6, derived
+    assert steps_for(v3()) == pytest.approx(243_000, rel=0.01)  # docs/recipe.md: derived from report section 4.2
 
 
 def test_a_run_given_in_steps_takes_exactly_those_steps_with_a_ramp():

@@ -1,5 +1,5 @@
 """Pipeline schedule orders: valid, equal to torch's where torch has them, phases and bubbles as
-RECIPE.md section 5 states them."""
+deepseek-ai/DualPipe's dualpipe.py and the report's Table 2 state them."""
 from types import SimpleNamespace
 
 import pytest
@@ -64,7 +64,7 @@ def test_orders_equal_torch_pipelining(schedule, torch_class, pp, n):
 @pytest.mark.parametrize("schedule", ["dualpipe", "dualpipev"])
 @pytest.mark.parametrize("pp,n", [(2, 4), (4, 8), (4, 14), (8, 16), (8, 30)])
 def test_dualpipe_phase_counts_match_recipe(schedule, pp, n):
-    """RECIPE.md: with h = min(r, PP-1-r) (DualPipeV: PP counts the 2 x ranks of the V) the eight
+    """dualpipe.py: with h = min(r, PP-1-r) (DualPipeV: PP counts the 2 x ranks of the V) the eight
     phases hold (PP/2-h-1)*2 F0; h+1 x (F0 F1); PP/2-h-1 x (B1 W F1); n/2-PP+h+1 x (F0B1, F1B0);
     PP/2-h-1 x (B1, F1B0); h+1 x (B1 B0); PP/2-h-1 x (W B0); h+1 W."""
     if schedule == "dualpipe":

@@ -22,7 +22,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 @dataclass
 class ScheduleConfig:
     """Schedules over the run's tokens. Boundaries are fractions of the run's length, so a short
-    run follows the same shape as DeepSeek-V3's 14.8T tokens (defaults: RECIPE.md section 6)."""
+    run follows the same shape as DeepSeek-V3's 14.8T tokens (defaults: report section 4.2)."""
     lr: float = 2.2e-4  # peak, reached at the end of warmup
     warmup: float = 0.0019  # linear 0 -> lr; V3: 2K steps, about 28B of 14.8T tokens
     decay_start: float = 0.675676  # constant lr until here; V3: 10T

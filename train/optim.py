@@ -1,4 +1,4 @@
-"""AdamW, and the variant DeepSeek-V3 trained with: moments stored in BF16 (RECIPE.md section 4)."""
+"""AdamW, and the variant DeepSeek-V3 trained with: moments stored in BF16 (report section 3.3.3)."""
 from __future__ import annotations
 
 import math

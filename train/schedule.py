@@ -1,4 +1,4 @@
-"""The recipe's schedules as functions of tokens trained (RECIPE.md section 6).
+"""The recipe's schedules as functions of tokens trained (report section 4.2; docs/recipe.md).
 
 Every value is read at `tokens`, the tokens trained by the end of the current step, as a fraction
 p of the run's length:
