@@ -60,7 +60,7 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def record_load(self, indices: torch.Tensor) -> None:
-        self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts)
+        self.tokens_per_expert += rows_per_expert(indices.flatten(), self.cfg.n_routed_experts)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         nn.init.normal_(self.weight, 0.0, self.cfg.init_std, generator=generator)
@@ -195,12 +195,19 @@ class DispatchPlan:
         return (routed * gates.unsqueeze(-1).to(routed.dtype)).sum(dim=1)
 
 
+def rows_per_expert(flat: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """How many entries of `flat` name each expert. Unlike torch.bincount, which reads the
+    largest index on the host to size its output, this never waits for the device (and never
+    breaks a compiled graph); integer sums are exact, so the result is deterministic."""
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(order, restore, rows per global expert) for the router's (tokens, k) expert indices."""
     flat = indices.flatten()
     order = flat.argsort(stable=True)
     restore = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return order, restore, torch.bincount(flat, minlength=n_experts)
+    return order, restore, rows_per_expert(flat, n_experts)
 
 
 class LocalDispatcher:

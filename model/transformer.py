@@ -118,6 +118,10 @@ class Transformer(nn.Module):
             mtp_losses.append(cross_entropy(self.head(module.norm(h)), targets[:, k:]))
         return ModelOutput(main_loss, mtp_losses, balance_loss)
 
+    def blocks(self) -> list[Block]:
+        """Every transformer block, main layers then MTP (the unit torch.compile is applied to)."""
+        return [*self.layers.values(), *(m.block for m in self.mtp)]
+
     def routers(self) -> list[Router]:
         """Every MoE router, main layers then MTP, in a fixed order (the bias update relies on it)."""
         return [m for m in self.modules() if isinstance(m, Router)]

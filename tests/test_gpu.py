@@ -130,3 +130,19 @@ def test_fp8_grouped_experts_on_gpu_equal_the_cpu_emulation():
     for name, cpu, gpu in zip(("y", "dx", "dw1", "dw3", "dw2"), *results):
         assert relative_error(gpu, cpu) < tolerance, name
     assert results[1][2][0].abs().sum() == 0 and results[1][2][5].abs().sum() == 0  # experts without rows
+
+
+def test_compiled_blocks_train_like_eager_blocks(tmp_path):
+    """Three steps of the tiny recipe with every block compiled: the losses of eager blocks, within
+    BF16 autocast's rounding (fused kernels round intermediate values differently)."""
+    from omegaconf import OmegaConf
+
+    from dsv3.train.config import compose
+    from dsv3.train.loop import Trainer
+
+    runs = {}
+    for setting in ("off", "on"):
+        cfg = compose([f"train.run_dir={tmp_path / setting}", "data=synthetic", "train.wandb.mode=disabled",
+                       "train.eval_every=0", "train.steps=3", f"train.compile={setting}"])
+        runs[setting] = [r["loss"] for r in Trainer(OmegaConf.to_object(cfg)).run()]
+    assert runs["on"] == pytest.approx(runs["off"], rel=2e-3)

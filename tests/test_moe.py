@@ -104,3 +104,14 @@ def test_model_config_rejects_impossible_routing():
         ModelConfig(n_routed_experts=10, n_expert_groups=4, n_limited_groups=1)
     with pytest.raises(ValueError, match="n_activated_experts=5 exceeds"):
         ModelConfig(n_routed_experts=8, n_expert_groups=4, n_limited_groups=2, n_activated_experts=5)
+
+
+def test_rows_per_expert_equals_bincount_without_waiting_for_the_device():
+    from dsv3.model.moe import rows_per_expert
+
+    generator = torch.Generator().manual_seed(0)
+    for n_experts in (1, 7, 64):
+        flat = torch.randint(0, n_experts, (1000,), generator=generator)
+        flat[:3] = n_experts - 1
+        assert torch.equal(rows_per_expert(flat, n_experts), torch.bincount(flat, minlength=n_experts))
+    assert torch.equal(rows_per_expert(torch.tensor([2, 2]), 5), torch.tensor([0, 0, 2, 0, 0]))  # empty experts

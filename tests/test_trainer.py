@@ -195,3 +195,15 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_chosen(tmp_path):
     assert history[0]["step"] == 3  # resumed from step 2
     assert not torn.exists()  # the next save cleared it
     assert [p.name for p in again.checkpointer.complete()][0] == "step_00000006"
+
+
+def test_compile_setting_compiles_each_block_only_where_asked(tmp_path):
+    """auto: eager on the CPU (compiling costs more than it saves there); on: every block, MTP's
+    included, gets torch.compile. (That a compiled step equals the eager one is tests/test_gpu.py's.)"""
+    auto = trainer(tmp_path / "auto", "train.steps=1")
+    assert not auto.compiled and all(b._compiled_call_impl is None for b in auto.model.blocks())
+    on = trainer(tmp_path / "on", "train.steps=1", "train.compile=on")
+    assert len(on.model.blocks()) == 3  # 2 layers + 1 MTP block
+    assert all(b._compiled_call_impl is not None for b in on.model.blocks())
+    with pytest.raises(ValueError, match="train.compile must be auto, on or off"):
+        trainer(tmp_path / "bad", "train.steps=1", "train.compile=yes")

@@ -82,6 +82,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm
     adam_state_dtype: str = "float32"  # "bfloat16" keeps AdamW's moments in BF16, as DeepSeek-V3 did
     device: str = "auto"  # "auto": CUDA when present, else CPU
+    # torch.compile each transformer block (as torchtitan does): "auto" on CUDA, not on the CPU
+    # (where compiling costs more than it saves); "on"; "off". Pipelined runs execute blocks part by
+    # part and stay eager.
+    compile: str = "auto"
     log_every: int = 10  # console lines; metrics.jsonl gets every step
     eval_every: int = 0  # validation loss and bits per byte every N steps (0: never; always at the end)
     eval_batches: int = 4  # micro-batches of the validation split per evaluation
@@ -106,6 +110,8 @@ class TrainConfig:
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                              f"train.micro_batch_size={self.micro_batch_size}.")
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"train.compile must be auto, on or off, got {self.compile!r}.")
         if self.adam_state_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"train.adam_state_dtype must be float32 or bfloat16, got {self.adam_state_dtype!r}.")
 

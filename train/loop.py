@@ -163,6 +163,9 @@ class Trainer:
     def _model(self) -> Transformer:
         model = build_model(self.cfg.model, self.device, self.cfg.seed, self.runtime, self.cut, self.cfg.fp8)
         model.train()
+        if self.compiled:
+            for block in model.blocks():
+                block.compile()
         self.routers = model.routers()
         self.pipeline = self.replicas = None
         if self.cut is not None:
@@ -185,6 +188,14 @@ class Trainer:
                                     state_dtype, self.replicas.copies if self.replicas else None)
         return build_optimizer(self.model, tc.schedule.lr, betas, tc.eps, tc.weight_decay, tc.adam_state_dtype,
                                self.device)
+
+    @property
+    def compiled(self) -> bool:
+        setting = self.cfg.train.compile
+        wanted = setting == "on" or (setting == "auto" and self.device.type == "cuda")
+        if wanted and self.cut is not None:
+            log.warning("train.compile: blocks stay eager in a pipelined run, which executes them part by part")
+        return wanted and self.cut is None
 
     @property
     def zero(self) -> bool:
