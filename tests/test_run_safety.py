@@ -192,3 +192,25 @@ def test_a_full_disk_stops_the_run_with_one_sentence_and_a_later_run_resumes(tmp
     # A write that fails half-way (what the estimate cannot foresee) removes its partial folder.
     assert seen["partial"]["error"].startswith("No space left on the device of")
     assert "removed the partial write" in seen["partial"]["error"] and seen["partial"]["leftover"] == []
+
+
+def test_under_torchrun_one_rank_prints_the_sentence_and_torchrun_names_it(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "dsv3.train", f"train.run_dir={tmp_path / 'run'}", *RUN, "train.steps=2",
+                             "parallel.ep=4"], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    sentence = "error: parallel.pp=1 x parallel.ep=4 does not divide the world size 2."
+    assert result.stderr.count(sentence) >= 2  # printed once by rank 0, and named in torchrun's summary
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [sentence]
+    assert "To enable traceback see" not in result.stderr  # every rank's error file holds the sentence
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_dsv3_launch_local_checks_the_batch_before_starting_ranks(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dsv3.launch", "local", "cluster.procs_per_node=4",
+                             "parallel=ep2", "data=synthetic", f"train.run_dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: train.global_batch_size=8 is not a multiple of train.micro_batch_size=8 "
+                                     "x 4 data-parallel ranks.")
+    assert "torch.distributed.run" not in result.stdout and not (tmp_path / "run").exists()
