@@ -63,14 +63,17 @@ def job_state(job: str) -> dict:
 
 def wait(job: str, timeout: float = 400) -> dict:
     """Until the job ends. A requeued job waits ~2 minutes before it may start again (SLURM's
-    requeue delay); here it is told to start now."""
-    deadline = time.time() + timeout
+    requeue delay); here it is told to start 10 s after the requeue: started at once, while the node
+    still revokes the first attempt's credential, SLURM kills it ("Job credential revoked")."""
+    deadline, requeued = time.time() + timeout, None
     while time.time() < deadline:
         state = job_state(job)
         if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return state
         if state.get("JobState") == "PENDING" and state.get("Restarts", "0") != "0":
-            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
+            requeued = requeued or time.time()
+            if time.time() > requeued + 10:
+                subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
         time.sleep(1)
     raise AssertionError(f"job {job} did not finish in {timeout} s: {job_state(job)}")
 
