@@ -6,6 +6,7 @@
    per second, against what one GPU consumes (`--gpu-tokens-per-s`, e.g. from model_step.py).
 
 Usage: python benchmarks/data_throughput.py [--num-proc 2] [--seq-len 4096] [--gpu-tokens-per-s N]
+       python benchmarks/data_throughput.py --smoke   (the first 40 stdlib files, a 300-token BPE, seconds)
 """
 import argparse
 import logging
@@ -25,12 +26,18 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--gpu-tokens-per-s", type=float, default=0.0)
+    parser.add_argument("--max-documents", type=int, default=0, help="read only the first N files (0: all)")
+    parser.add_argument("--loader-seconds", type=float, default=3.0)
+    parser.add_argument("--smoke", action="store_true", help="a slice of the corpus and a tiny BPE, seconds")
     args = parser.parse_args()
+    if args.smoke:
+        args.num_proc, args.vocab_size, args.seq_len, args.max_documents, args.loader_seconds = 1, 300, 64, 40, 0.3
     logging.basicConfig(level=logging.WARNING)
-    print(f"# {os.cpu_count()} cores, num_proc {args.num_proc}")
+    print(f"# {os.cpu_count()} cores, num_proc {args.num_proc}" + (", smoke" if args.smoke else ""))
 
     with tempfile.TemporaryDirectory() as cache:
-        cfg = DataConfig(source="stdlib", vocab_size=args.vocab_size, num_proc=args.num_proc, cache_dir=cache)
+        cfg = DataConfig(source="stdlib", vocab_size=args.vocab_size, num_proc=args.num_proc, cache_dir=cache,
+                         max_documents=args.max_documents)
         start = time.perf_counter()
         dataset, _ = prep.read_source(cfg)
         read_s = time.perf_counter() - start
@@ -46,7 +53,7 @@ def main() -> None:
         loader = TokenLoader(store.split("train"), args.seq_len, seed=0)
         loader.next_batch(args.batch)
         batches, start = 0, time.perf_counter()
-        while time.perf_counter() - start < 3.0:
+        while time.perf_counter() - start < args.loader_seconds:
             loader.next_batch(args.batch)
             batches += 1
         loader_tps = batches * args.batch * args.seq_len / (time.perf_counter() - start)

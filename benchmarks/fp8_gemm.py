@@ -10,23 +10,37 @@
    (Triton) against `torch._grouped_mm` in BF16, the up-projection alone on pre-quantised operands,
    and the whole experts' forward + backward (FP8: all quantisation and the SwiGLU kernels included).
 Times are medians of CUDA-event timings after warm-up.
+
+    python benchmarks/fp8_gemm.py --smoke   (tiny shapes on the CPU, seconds)
+
+The smoke run goes through the same functions on the CPU: the torch reference quantisation
+(`quant.py`, what `linear.py` uses off the GPU) and the exact GEMM emulation of `gemm.py` and
+`grouped.py`, in FP32 compute as the trainer runs on the CPU (no autocast); torch._grouped_mm in
+BF16 needs a Hopper GPU, so that one figure is skipped (null).
 """
 import argparse
 import json
 
 import torch
 
-from dsv3.fp8 import kernels
 from dsv3.fp8.gemm import gemm
 from dsv3.fp8.grouped import Groups, grouped_gemm
-from dsv3.fp8.linear import FP8LinearFunction, FP8RoutedExperts, quantize_expert_weights
-from dsv3.model.moe import RoutedExperts
-from model_step import cuda_time  # benchmarks/ is on sys.path when run as a script
+from dsv3.fp8.linear import FP8LinearFunction, FP8RoutedExperts, _ops, quantize_expert_weights
+from dsv3.model.moe import RoutedExperts, grouped_mm_supported
+from model_step import autocast, median_ms  # benchmarks/ is on sys.path when run as a script
 
 
-def timed(fn, repeat=20) -> float:
-    """Median seconds of fn(), CUDA-event timed (benchmarks/model_step.py's timer)."""
-    return cuda_time(fn, iters=repeat) / 1e3
+
+def timed(fn, repeat: int, device: torch.device) -> float:
+    """Median seconds of fn() after warm-up, CUDA-event timed on a GPU (benchmarks/model_step.py's timer)."""
+    return median_ms(fn, warmup=min(3, repeat), iters=repeat, cuda=device.type == "cuda") / 1e3
+
+
+def tflops(flop: float, seconds: float | None) -> float | None:
+    if seconds is None:
+        return None
+    value = flop / seconds / 1e12
+    return round(value) if value >= 10 else round(value, 4)  # whole TFLOPS on a GPU; the CPU's are tiny
 
 
 SHAPES = {  # name: (tokens, in, out)
@@ -40,103 +54,121 @@ SHAPES = {  # name: (tokens, in, out)
 }
 
 
+EXPERT_CASES = {  # name: (experts, rows per expert, dim, inter)
+    "small routed experts": (64, 768, 1024, 384),  # 8192 tokens x top-6 over 64 experts
+    "v3 routed experts, 8 per GPU": (8, 8192, 7168, 2048),
+}
+SMOKE_SHAPES = {"smoke dense (256->384)": (256, 256, 384)}
+SMOKE_EXPERT_CASES = {"smoke routed experts": (4, 64, 256, 128)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", default="dense,experts", help="comma-separated: dense (1 and 2), experts (3)")
-    parts = parser.parse_args().parts.split(",")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, to check the script runs")
+    args = parser.parse_args()
+    parts = args.parts.split(",")
     torch.manual_seed(0)
+    if args.smoke:
+        print(f"# smoke: CPU, torch {torch.__version__}: reference quantisation, emulated FP8 GEMMs", flush=True)
+        device, shapes, expert_cases, repeat = torch.device("cpu"), SMOKE_SHAPES, SMOKE_EXPERT_CASES, 2
+    else:
+        device, shapes, expert_cases, repeat = torch.device("cuda"), SHAPES, EXPERT_CASES, 20
     if "dense" in parts:
-        dense_cases()
+        dense_cases(device, shapes, repeat)
     if "experts" in parts:
-        for case in EXPERT_CASES.items():
-            experts_case(*case)
+        for case in expert_cases.items():
+            experts_case(*case, device, repeat)
 
 
-def dense_cases() -> None:
-    for name, (m, k, n) in SHAPES.items():
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda") * 0.02
+def dense_cases(device: torch.device, shapes: dict, repeat: int) -> None:
+    ops = _ops(device)  # the Triton kernels on CUDA, the torch reference elsewhere
+    repeat_linear = max(repeat // 2, 1)
+    for name, (m, k, n) in shapes.items():
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=device) * 0.02
         w16 = w.bfloat16()
-        x_q, x_s = kernels.quantize_tiles(x)
-        w_q, w_s = kernels.quantize_blocks(w)
+        x_q, x_s = ops.quantize_tiles(x)
+        w_q, w_s = ops.quantize_blocks(w)
         flop = 2 * m * n * k
-        bf16 = timed(lambda: x @ w16.t())
-        fp8 = timed(lambda: gemm(x_q, x_s, w_q, w_s, True, torch.bfloat16))
+        bf16 = timed(lambda: x @ w16.t(), repeat, device)
+        fp8 = timed(lambda: gemm(x_q, x_s, w_q, w_s, True, torch.bfloat16), repeat, device)
 
         def fp8_with_quantisation():
-            a = kernels.quantize_tiles(x)
-            b = kernels.quantize_blocks(w)
+            a = ops.quantize_tiles(x)
+            b = ops.quantize_blocks(w)
             return gemm(*a, *b, True, torch.bfloat16)
-        fp8_q = timed(fp8_with_quantisation)
+        fp8_q = timed(fp8_with_quantisation, repeat, device)
 
         xr = x.float().requires_grad_()
         wr = w.clone().requires_grad_()
-        dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
 
         def linear_bf16():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with autocast(device):
                 y = xr @ wr.t()
             y.backward(dy)
 
         def linear_fp8():
             y = FP8LinearFunction.apply(xr, wr, torch.bfloat16, False)
             y.backward(dy)
-        lin_bf16, lin_fp8 = timed(linear_bf16, 10), timed(linear_fp8, 10)
+        lin_bf16, lin_fp8 = timed(linear_bf16, repeat_linear, device), timed(linear_fp8, repeat_linear, device)
         print(json.dumps({"shape": name, "m": m, "k": k, "n": n,
-                          "bf16_tflops": round(flop / bf16 / 1e12), "fp8_tflops": round(flop / fp8 / 1e12),
-                          "fp8_with_quant_tflops": round(flop / fp8_q / 1e12),
+                          "bf16_tflops": tflops(flop, bf16), "fp8_tflops": tflops(flop, fp8),
+                          "fp8_with_quant_tflops": tflops(flop, fp8_q),
                           "fp8_vs_bf16": round(bf16 / fp8, 2), "fp8_with_quant_vs_bf16": round(bf16 / fp8_q, 2),
                           "linear_fwd_bwd_bf16_ms": round(lin_bf16 * 1e3, 2),
                           "linear_fwd_bwd_fp8_ms": round(lin_fp8 * 1e3, 2)}), flush=True)
 
 
-
-EXPERT_CASES = {  # name: (experts, rows per expert, dim, inter)
-    "small routed experts": (64, 768, 1024, 384),  # 8192 tokens x top-6 over 64 experts
-    "v3 routed experts, 8 per GPU": (8, 8192, 7168, 2048),
-}
-
-
-def experts_case(name: str, shape: tuple[int, int, int, int]) -> None:
+def experts_case(name: str, shape: tuple[int, int, int, int], device: torch.device, repeat: int) -> None:
     """The grouped up-projection GEMM alone (x @ [W1 | W3], pre-quantised) and the whole experts'
-    forward + backward: our grouped FP8 against torch._grouped_mm in BF16."""
+    forward + backward: our grouped FP8 against torch._grouped_mm in BF16 (RoutedExperts' own
+    path: torch._grouped_mm on Hopper, its loop over experts elsewhere)."""
+    ops = _ops(device)
+    repeat_module = max(repeat // 2, 1)
     n_experts, per_expert, dim, inter = shape
     rows = n_experts * per_expert
-    counts = torch.full((n_experts,), per_expert, device="cuda")
+    counts = torch.full((n_experts,), per_expert, device=device)
     offsets = counts.cumsum(0).to(torch.int32)
-    x = torch.randn(rows, dim, device="cuda", dtype=torch.bfloat16)
-    w13 = torch.randn(n_experts, dim, 2 * inter, device="cuda") * 0.02
+    x = torch.randn(rows, dim, device=device, dtype=torch.bfloat16)
+    w13 = torch.randn(n_experts, dim, 2 * inter, device=device) * 0.02
     w13_16 = w13.bfloat16()
-    x_q, x_s = kernels.quantize_tiles(x)
-    w_q, w_s = quantize_expert_weights(kernels, w13, False)
+    x_q, x_s = ops.quantize_tiles(x)
+    w_q, w_s = quantize_expert_weights(ops, w13, False)
     b_q, b_s = w_q.transpose(1, 2).contiguous(), w_s.transpose(1, 2).contiguous()
     groups = Groups.of(counts, rows)
-    gemm_bf16 = timed(lambda: torch._grouped_mm(x, w13_16, offs=offsets))
-    gemm_fp8 = timed(lambda: grouped_gemm(x_q, x_s, b_q, b_s, groups, torch.bfloat16))
+    gemm_bf16 = None  # torch._grouped_mm has no kernel here: skipped
+    if grouped_mm_supported(x):
+        gemm_bf16 = timed(lambda: torch._grouped_mm(x, w13_16, offs=offsets), repeat, device)
+    else:
+        print(f"# {name}: torch._grouped_mm BF16 skipped, it needs a CUDA GPU of compute capability 9.0+",
+              flush=True)
+    gemm_fp8 = timed(lambda: grouped_gemm(x_q, x_s, b_q, b_s, groups, torch.bfloat16), repeat, device)
     gemm_flop = 2 * rows * dim * 2 * inter
 
-    module_bf16 = RoutedExperts(n_experts, dim, inter, 0.006).cuda()
+    module_bf16 = RoutedExperts(n_experts, dim, inter, 0.006).to(device)
     module_bf16.reset_parameters(seed=0)
-    module_fp8 = RoutedExperts(n_experts, dim, inter, 0.006).cuda()
+    module_fp8 = RoutedExperts(n_experts, dim, inter, 0.006).to(device)
     module_fp8.load_state_dict(module_bf16.state_dict())
     module_fp8.__class__ = FP8RoutedExperts
     xr = x.float().requires_grad_()
-    dy = torch.randn(rows, dim, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(rows, dim, device=device, dtype=torch.bfloat16)
 
     def run(module):
         def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with autocast(device):
                 out = module(xr, counts)
             out.backward(dy)
         return step
     flop = 3 * 2 * rows * dim * inter * 3  # three GEMMs, forward + two backward each
-    t_bf16, t_fp8 = timed(run(module_bf16), 10), timed(run(module_fp8), 10)
+    t_bf16, t_fp8 = timed(run(module_bf16), repeat_module, device), timed(run(module_fp8), repeat_module, device)
     print(json.dumps({"experts": name, "n_experts": n_experts, "rows": rows, "dim": dim, "inter": inter,
-                      "up_gemm_bf16_tflops": round(gemm_flop / gemm_bf16 / 1e12),
-                      "up_gemm_fp8_tflops": round(gemm_flop / gemm_fp8 / 1e12),
+                      "up_gemm_bf16_tflops": tflops(gemm_flop, gemm_bf16),
+                      "up_gemm_fp8_tflops": tflops(gemm_flop, gemm_fp8),
                       "fwd_bwd_bf16_ms": round(t_bf16 * 1e3, 2), "fwd_bwd_fp8_ms": round(t_fp8 * 1e3, 2),
-                      "fwd_bwd_bf16_tflops": round(flop / t_bf16 / 1e12),
-                      "fwd_bwd_fp8_tflops": round(flop / t_fp8 / 1e12)}), flush=True)
+                      "fwd_bwd_bf16_tflops": tflops(flop, t_bf16),
+                      "fwd_bwd_fp8_tflops": tflops(flop, t_fp8)}), flush=True)
 
 if __name__ == "__main__":
     main()

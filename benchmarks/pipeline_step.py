@@ -11,6 +11,12 @@ bubble plus waits for communication), and for the all-to-all stream (the NCCL st
 most kernels: the expert group's) its kernel time and the part of it that ran while compute
 kernels ran on another stream (hidden). Rank 0 prints one JSON line per schedule; --trace-dir
 keeps rank 0's chrome traces.
+
+    torchrun --standalone --nproc-per-node 2 benchmarks/pipeline_step.py --smoke
+
+--smoke runs every schedule the same way on CPU ranks over gloo (pp=2, ep=1, the `tiny` recipe
+with 4 layers, 4 micro-batches, one timed step; seconds). The CPU profiles hold no kernels, so
+idle and all-to-all figures are 0 there.
 """
 import argparse
 import faulthandler
@@ -90,11 +96,16 @@ def main() -> None:
     parser.add_argument("--trace-dir", default="")
     parser.add_argument("--runs", default=",".join(f"{s}{'-overlap' if o else ''}" for s, o in RUNS),
                         help="comma-separated subset, e.g. dualpipev,dualpipev-overlap")
+    parser.add_argument("--smoke", action="store_true", help="CPU ranks over gloo, the tiny recipe, seconds")
     parser.add_argument("overrides", nargs="*", help="recipe overrides of the model, e.g. model.n_layers=4")
     args = parser.parse_args()
+    warmup = 2
+    if args.smoke:  # dualpipev at pp=2 has 4 model stages: 4 layers
+        args.model, args.pp, args.ep, args.micro_batches, args.micro_batch, args.steps, warmup = "tiny", 2, 1, 4, 1, 1, 1
+        args.overrides = ["model.n_layers=4", *args.overrides]
     warnings.filterwarnings("ignore")
     cfg: ModelConfig = OmegaConf.to_object(compose([f"model={args.model}", *args.overrides]).model)
-    device, runtime = start(ParallelConfig(pp=args.pp, ep=args.ep), cfg.n_routed_experts, "cuda")
+    device, runtime = start(ParallelConfig(pp=args.pp, ep=args.ep), cfg.n_routed_experts, "cpu" if args.smoke else "cuda")
     cuda = device.type == "cuda"  # (on CPU the script runs as a smoke test; the figures need GPUs)
     lines, line = pipeline_lines(runtime.mesh)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
@@ -121,7 +132,7 @@ def main() -> None:
             model.zero_grad(set_to_none=True)
             return losses
 
-        for _ in range(2):
+        for _ in range(warmup):
             step()
         sync()
         dist.barrier()

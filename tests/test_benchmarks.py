@@ -1,0 +1,158 @@
+"""Every benchmark script runs: its --smoke mode (tiny shapes on the CPU, the multi-rank ones on two
+gloo processes) as a subprocess, and the table it prints has its rows with real numbers."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # for titan_step's pure functions
+
+
+def run(script: str, *args, ranks: int = 0, cwd=None, env=None) -> str:
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks else []
+    result = subprocess.run([sys.executable, *launcher, str(BENCHMARKS / script), *args], capture_output=True,
+                            text=True, cwd=cwd, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def table(stdout: str) -> list[list[str]]:
+    """The cells of each markdown table row (header and rule included)."""
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in stdout.splitlines() if line.startswith("|")]
+
+
+def json_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def test_model_step_smoke(tmp_path):
+    rows = {(r[0], r[1]): r[2:] for r in table(run("model_step.py", "--smoke", cwd=tmp_path))[1:]}
+    assert float(rows["attention, 1x2 heads x 64", "causal_attention (ours)"][0]) > 0
+    assert float(rows["experts 4x64x32, 64x top-2", "loop over experts"][0]) > 0
+    assert "needs a CUDA GPU" in rows["experts 4x64x32, 64x top-2", "torch._grouped_mm"][2]
+    ms, tflops, other = rows["train step, tiny, 2x128 tokens", "fp32, no autocast (CPU)"]
+    assert float(ms) > 0 and float(other.split(",")[0].split()[1]) > 0  # tokens_per_s
+
+
+def test_fp8_gemm_smoke(tmp_path):
+    dense, experts = json_lines(run("fp8_gemm.py", "--smoke", cwd=tmp_path))
+    assert dense["shape"] == "smoke dense (256->384)"
+    for key in ("bf16_tflops", "fp8_tflops", "fp8_with_quant_tflops", "linear_fwd_bwd_bf16_ms", "linear_fwd_bwd_fp8_ms"):
+        assert dense[key] > 0, key
+    assert experts["experts"] == "smoke routed experts"
+    assert experts["up_gemm_bf16_tflops"] is None  # torch._grouped_mm needs a Hopper GPU: skipped
+    for key in ("up_gemm_fp8_tflops", "fwd_bwd_bf16_ms", "fwd_bwd_fp8_ms", "fwd_bwd_fp8_tflops"):
+        assert experts[key] > 0, key
+
+
+def test_data_throughput_smoke(tmp_path):
+    rows = {r[0]: r[1:] for r in table(run("data_throughput.py", "--smoke", cwd=tmp_path))[1:]}
+    for stage in ("read files", "train BPE", "prepare end to end (read, BPE, tokenise, write)"):
+        assert float(rows[stage][0]) > 0, stage
+    assert float(rows["prepare end to end (read, BPE, tokenise, write)"][1]) > 0
+    assert float(rows["loader, 4 x 65 shuffled windows"][1]) > 0
+
+
+def test_parallel_step_smoke_on_two_gloo_ranks(tmp_path):
+    (line,) = json_lines(run("parallel_step.py", "--smoke", "--ep", "2", ranks=2, cwd=tmp_path))
+    assert (line["gpus"], line["ep"], line["optimizer"], line["device"]) == (2, 2, "zero1", "cpu")
+    assert math.isfinite(line["loss_step1"]) and line["step_ms"] > 0 and line["tokens_per_s"] > 0
+    assert 0 < line["all_to_all_share"] < 1
+
+
+def test_pipeline_step_smoke_on_two_gloo_ranks(tmp_path):
+    lines = json_lines(run("pipeline_step.py", "--smoke", ranks=2, cwd=tmp_path))
+    assert [line["schedule"] for line in lines] == ["1f1b", "zbv", "dualpipev", "dualpipev-overlap",
+                                                    "dualpipe-overlap"]
+    for line in lines:
+        assert line["pp"] == 2 and line["tokens_per_step"] == 4 * 128 and line["tokens_per_s"] > 0
+
+
+def test_titan_step_smoke_runs_dsv3_and_names_torchtitan(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    stdout = run("titan_step.py", "--smoke", cwd=tmp_path, env=env)
+    rows = {(r[0], r[1]): r[2:] for r in table(stdout)[2:]}
+    for system in ("dsv3 eager", "dsv3 compiled"):
+        tokens_per_s, mfu, peak, step_ms = rows["tiny", system]
+        assert float(tokens_per_s.replace(",", "")) > 0 and float(step_ms) > 0, system
+    for system in ("torchtitan eager", "torchtitan compiled"):
+        assert rows["tiny", system][0] in ("not installed", "not run (the smoke run is dsv3 only)")
+    assert "# tiny: dsv3 959,648 parameters" in stdout
+    saved = json.loads((tmp_path / "titan_step.json").read_text())
+    assert [r["system"] for r in saved["rows"]] == ["dsv3 eager", "dsv3 compiled", "torchtitan eager",
+                                                     "torchtitan compiled"]
+
+
+V2_LITE_4L = dict(vocab_size=102400, dim=2048, inter_dim=10944, moe_inter_dim=1408, n_layers=4, n_dense_layers=1,
+                  n_heads=16, n_routed_experts=64, n_shared_experts=2, n_activated_experts=6, n_expert_groups=1,
+                  n_limited_groups=1, score_func="sigmoid", route_scale=1.0, expert_bias=True, seq_aux_alpha=1e-4,
+                  q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                  max_seq_len=4096, original_seq_len=4096, rope_theta=10000.0, rope_factor=40.0, beta_fast=32,
+                  beta_slow=1, mscale=0.707, mtp_depth=0, norm_eps=1e-6, init_std=0.006)
+
+
+def test_titan_model_args_maps_every_field_of_a_plain_config():
+    from titan_step import titan_model_args
+
+    args = titan_model_args(V2_LITE_4L, bias_update_speed=1e-3)
+    for name in ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers", "n_heads",
+                 "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_seq_len",
+                 "original_seq_len", "rope_theta", "rope_factor", "beta_fast", "beta_slow", "mscale", "norm_eps"):
+        assert args[name] == V2_LITE_4L[name], name
+    assert (args["attn_type"], args["attn_mask_type"]) == ("sdpa", "causal")
+    assert args["moe_args"] == {"num_experts": 64, "num_shared_experts": 2, "top_k": 6, "num_expert_groups": None,
+                                "num_limited_groups": None, "score_func": "sigmoid", "route_norm": True,
+                                "route_scale": 1.0, "score_before_experts": False, "gate_bias": False,
+                                "use_grouped_mm": True, "load_balance_coeff": 1e-3}
+    grouped = titan_model_args({**V2_LITE_4L, "n_expert_groups": 8, "n_limited_groups": 4, "expert_bias": False})
+    assert grouped["moe_args"]["num_expert_groups"] == 8 and grouped["moe_args"]["num_limited_groups"] == 4
+    assert grouped["moe_args"]["load_balance_coeff"] is None
+    assert titan_model_args({**V2_LITE_4L, "score_func": "softmax"})["moe_args"]["route_norm"] is False
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"mtp_depth": 1}, "no multi-token prediction"),
+    ({"score_func": "softmax", "n_expert_groups": 8, "n_limited_groups": 3}, "group max"),
+])
+def test_titan_model_args_refuses_what_torchtitan_cannot_build(change, message):
+    from titan_step import titan_model_args
+
+    with pytest.raises(ValueError, match=message):
+        titan_model_args({**V2_LITE_4L, **change})
+
+
+def test_compare_loss_reports_relative_ema_loss_and_throughput(tmp_path):
+    for name, scale, speed in (("test", 1.01, 900.0), ("base", 1.0, 1000.0)):
+        records = [{"step": s, "main_loss": scale * (10 - s / 100), "tokens_per_s": speed} for s in range(1, 201)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(map(json.dumps, records)))
+    (line,) = json_lines(run("compare_loss.py", str(tmp_path / "test.jsonl"), str(tmp_path / "base.jsonl")))
+    assert (line["steps"], line["last_step"]) == (200, 200)
+    assert line["mean_relative_last_100_pct"] == pytest.approx(1.0, abs=1e-6)
+    assert line["tokens_per_s"] == [900, 1000]
+
+
+def test_plot_overlap_draws_both_traces(tmp_path):
+    pytest.importorskip("matplotlib")
+    kernels = [{"cat": "kernel", "name": "gemm", "ts": 1000.0 * i, "dur": 600.0, "args": {"stream": 7}}
+               for i in range(30)]
+    kernels += [{"cat": "kernel", "name": "ncclDevKernel_SendRecv", "ts": 1000.0 * i + 300, "dur": 500.0,
+                 "args": {"stream": 20}} for i in range(30)]
+    for name in ("dualpipev", "dualpipev-overlap"):
+        (tmp_path / f"{name}-rank0.json").write_text(json.dumps({"traceEvents": kernels}))
+    run("plot_overlap.py", str(tmp_path), str(tmp_path / "overlap.png"), "--start-ms", "2", "--width-ms", "10")
+    assert (tmp_path / "overlap.png").stat().st_size > 1000
+
+
+def test_reliability_trials_smoke(tmp_path):
+    out = tmp_path / "trials.json"
+    stdout = run("reliability_trials.py", "--smoke", "--out", str(out), cwd=tmp_path)
+    rows = json.loads(out.read_text())
+    assert [r["trial"].split(":")[0].split(" during")[0] for r in rows] == ["kill -9", "corrupt", "refused"]
+    assert all(r["problem"] == "" for r in rows), rows
+    assert "3 of 3 trials lost nothing" in stdout
