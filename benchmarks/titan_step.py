@@ -17,7 +17,7 @@ runs its own trainer's step: `dsv3.train.loop.Trainer.train_step()` and torchtit
 `Trainer.train_step()`, through a TrainSpec copied from its `deepseek_v3` spec with one flavour
 set to our shape and a synthetic dataloader, configured through its ConfigManager CLI. Compiled:
 dsv3 with `block.compile()` on every layer applied here (`--dsv3-compile harness`; `trainer`
-instead passes `train.compile=true`, for when the trainer has that setting), torchtitan with
+instead passes `train.compile=on`, the trainer's setting; eager runs pass `train.compile=off`), torchtitan with
 `--compile.enable` (per-block torch.compile, routed experts left eager, loss compiled).
 
 Each (config, system) runs in its own subprocess, so memory peaks and compile caches stay apart.
@@ -235,8 +235,9 @@ def worker(args) -> None:
     warnings.filterwarnings("ignore")
     overrides = {**CONFIGS, **SMOKE_CONFIGS}[args.config]
     system, mode = args.worker.split()
-    if system == "dsv3" and mode == "compiled" and args.dsv3_compile == "trainer":
-        overrides = [*overrides, "train.compile=true"]
+    if system == "dsv3":  # the trainer compiles on CUDA by default: eager must say so
+        trainer_compiles = mode == "compiled" and args.dsv3_compile == "trainer"
+        overrides = [*overrides, f"train.compile={'on' if trainer_compiles else 'off'}"]
     cfg = dsv3_config(overrides, args.batch, args.seq_len, args.smoke, f"/tmp/titan_step/{args.config}")
     run = run_dsv3 if system == "dsv3" else run_titan
     print("RESULT " + json.dumps(run(cfg, mode == "compiled", args)), flush=True)
@@ -268,7 +269,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--dsv3-compile", choices=["harness", "trainer"], default="harness",
-                        help="harness: block.compile() on each layer here; trainer: train.compile=true")
+                        help="harness: block.compile() on each layer here; trainer: train.compile=on")
     parser.add_argument("--smoke", action="store_true", help="dsv3 only, the tiny recipe on the CPU, seconds")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
