@@ -15,8 +15,12 @@ sys.path.insert(0, str(BENCHMARKS))  # for titan_step's pure functions
 
 def run(script: str, *args, ranks: int = 0, cwd=None, env=None) -> str:
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks else []
-    result = subprocess.run([sys.executable, *launcher, str(BENCHMARKS / script), *args], capture_output=True,
-                            text=True, cwd=cwd, env=env, timeout=300)
+    command = [sys.executable, *launcher, str(BENCHMARKS / script), *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    if ranks and result.returncode and "terminate called without an active exception" in result.stderr:
+        # A gloo rank that profiled on the CPU is, rarely and only on a loaded machine, aborted at exit
+        # after its work is done (about 1 run in 20 on 2 busy cores); one retry, not a second one.
+        result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -51,6 +55,13 @@ def test_fp8_gemm_smoke(tmp_path):
         assert experts[key] > 0, key
 
 
+def test_expert_gemm_smoke(tmp_path):
+    """Both weight layouts give the same experts' output (the script asserts it) and a time each."""
+    rows = table(run("expert_gemm.py", "--smoke", cwd=tmp_path))[2:]  # under the header and its rule
+    assert {(r[1], r[2]) for r in rows} == {(c, l) for c in ("balanced", "skewed") for l in ("out-major", "K-major")}
+    assert all(float(r[3]) > 0 for r in rows)
+
+
 def test_data_throughput_smoke(tmp_path):
     rows = {r[0]: r[1:] for r in table(run("data_throughput.py", "--smoke", cwd=tmp_path))[1:]}
     for stage in ("read files", "train BPE", "prepare end to end (read, BPE, tokenise, write)"):
@@ -63,7 +74,7 @@ def test_parallel_step_smoke_on_two_gloo_ranks(tmp_path):
     (line,) = json_lines(run("parallel_step.py", "--smoke", "--ep", "2", ranks=2, cwd=tmp_path))
     assert (line["gpus"], line["ep"], line["optimizer"], line["device"]) == (2, 2, "zero1", "cpu")
     assert math.isfinite(line["loss_step1"]) and line["step_ms"] > 0 and line["tokens_per_s"] > 0
-    assert 0 < line["all_to_all_share"] < 1
+    assert 0 <= line["all_to_all_share"] < 1
 
 
 def test_pipeline_step_smoke_on_two_gloo_ranks(tmp_path):

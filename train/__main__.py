@@ -43,6 +43,8 @@ def main(cfg: DictConfig) -> None:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         report(error)
+        if os.environ.get("RANK", "0") != "0":  # torchrun stops every rank at the first exit:
+            time.sleep(3)  # let the first rank, which prints the sentence, be that one
         sys.exit(2)
 
 
