@@ -12,6 +12,7 @@ import resource
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ from .run_dir import differences, holds_run, move_run_aside, refuse_if_different
 from .checkpoint import Checkpointer, first_line, step_of
 from .config import Config
 from .metrics import MetricsLog
-from .optim import build_optimizer
+from .optim import build_optimizer, clipped_step
 from .schedule import run_schedule, steps_for
 
 log = logging.getLogger("dsv3.train")
@@ -101,6 +102,14 @@ def build_loader(cfg: DataConfig, model_cfg: ModelConfig, seed: int, split: str 
     return TokenLoader(store.split(split), cfg.seq_len, seed, rank, world, shuffle=split == "train")
 
 
+@dataclass
+class ReadAhead:
+    """A step's batches read before it starts, and the loader's state from before reading them."""
+    batch_size: int
+    loader_state: dict
+    batches: list[torch.Tensor]
+
+
 class StopSignals:
     """Records SIGTERM / SIGUSR1 (what SLURM sends before a time limit) so the loop can finish
     its step, save and exit cleanly; restores the previous handlers on exit."""
@@ -144,6 +153,7 @@ class Trainer:
         self.model = self._model()
         self.optimizer = self._optimizer()
         self.loader = build_loader(cfg.data, cfg.model, cfg.seed, runtime=self.runtime)
+        self._ahead: ReadAhead | None = None  # the next step's batches, read while the device works
         self.step = 0
         self.tokens = 0
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", tc.keep_checkpoints, tc.async_checkpoint,
@@ -213,7 +223,8 @@ class Trainer:
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        trainer = {"step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict(), "rng": rng}
+        loader = self._ahead.loader_state if self._ahead is not None else self.loader.state_dict()
+        trainer = {"step": self.step, "tokens": self.tokens, "loader": loader, "rng": rng}
         return {"model": model, "optimizer": optimizer, "trainer": trainer}
 
     def load_state_dict(self, state: dict) -> None:
@@ -228,6 +239,7 @@ class Trainer:
         trainer = state["trainer"]
         self.step, self.tokens = int(trainer["step"]), int(trainer["tokens"])
         self.loader.load_state_dict(trainer["loader"])
+        self._ahead = None
         torch.set_rng_state(trainer["rng"]["cpu"])
         if "cuda" in trainer["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(trainer["rng"]["cuda"], self.device)
@@ -320,7 +332,6 @@ class Trainer:
         tc, seq_len = self.cfg.train, self.cfg.data.seq_len
         start = time.perf_counter()
         batch_size = self.schedule.batch_size(self.tokens)
-        micro_batches = batch_size // (tc.micro_batch_size * self.data_parallel)
         tokens_after = self.tokens + batch_size * seq_len
         lr, mtp_weight = self.schedule.lr(tokens_after), self.schedule.mtp_weight(tokens_after)
         if self.zero:
@@ -328,15 +339,14 @@ class Trainer:
         else:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-        losses = self._forward_backward(micro_batches, mtp_weight)
+        losses = self._forward_backward(self._batches(batch_size), mtp_weight)
         if self.zero:  # reduce-scatter, clip, update its slice, all-gather
             grad_norm = self.optimizer.step(tc.grad_clip)
+        elif self.runtime is None:
+            grad_norm = clipped_step(self.optimizer, list(self.model.parameters()), tc.grad_clip)
         else:
-            if self.runtime is None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-            else:
-                self.runtime.sync.reduce()
-                grad_norm = self.runtime.sync.clip_(tc.grad_clip)
+            self.runtime.sync.reduce()
+            grad_norm = self.runtime.sync.clip_(tc.grad_clip)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         sum_loads = None
@@ -347,9 +357,13 @@ class Trainer:
         violation = self._all_layers(update_expert_bias(self.routers, bias_update_speed, sum_loads))
         self.step += 1
         self.tokens = tokens_after
+        self._read_ahead(self.schedule.batch_size(self.tokens))  # on the CPU, while the device works
 
-        main, mtp, balance = losses.tolist()
-        total = main + mtp_weight * mtp + balance  # waits for the device
+        # One host sync for every figure of the step.
+        scalars = torch.cat([losses.float(), grad_norm.reshape(1).float().to(losses.device),
+                             violation.float().to(losses.device)]).tolist()
+        (main, mtp, balance, grad_norm), violation = scalars[:4], scalars[4:]
+        total = main + mtp_weight * mtp + balance
         seconds = time.perf_counter() - start
         tokens_per_s = batch_size * seq_len / seconds
         world = self.runtime.layout.world if self.runtime else 1
@@ -358,18 +372,35 @@ class Trainer:
         return {"step": self.step, "tokens": self.tokens, "loss": total, "main_loss": main, "mtp_loss": mtp,
                 "balance_loss": balance, "lr": lr, "mtp_weight": mtp_weight,
                 "bias_update_speed": bias_update_speed, "batch_size": batch_size,
-                "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
+                "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * self.flop_per_token / (self.peak_flops * world) if self.peak_flops else None,
-                "max_violation": max(violation.tolist(), default=0.0),
-                "max_violation_per_layer": violation.tolist(), "peak_memory_gib": self._peak_memory_gib(),
+                "max_violation": max(violation, default=0.0),
+                "max_violation_per_layer": violation, "peak_memory_gib": self._peak_memory_gib(),
                 "step_seconds": seconds}
 
-    def _forward_backward(self, micro_batches: int, mtp_weight: float) -> torch.Tensor:
+    def _batches(self, batch_size: int) -> list[torch.Tensor]:
+        """This rank's micro-batches of a step of batch_size sequences, on the device: the ones the
+        previous step read ahead, or read now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.batch_size == batch_size:
+            return ahead.batches
+        if ahead is not None:  # the batch ramp changed the size since: read them again
+            self.loader.load_state_dict(ahead.loader_state)
+        tc = self.cfg.train
+        micro = tc.micro_batch_size * self.data_parallel
+        pinned = self.device.type == "cuda"  # so that the copy runs while the host goes on
+        return [(b.pin_memory() if pinned else b).to(self.device, non_blocking=True)
+                for b in (self.loader.next_batch(micro) for _ in range(batch_size // micro))]
+
+    def _read_ahead(self, batch_size: int) -> None:
+        """Reads the next step's batches now, keeping the loader's state from before for a
+        checkpoint saved in between (see state_dict)."""
+        state = self.loader.state_dict()
+        self._ahead = ReadAhead(batch_size, state, self._batches(batch_size))
+
+    def _forward_backward(self, batches: list[torch.Tensor], mtp_weight: float) -> torch.Tensor:
         """Gradients of the mean loss over the step's micro-batches in .grad; returns this rank's
         (main, mtp, balance) losses, summed over pipeline stages."""
-        tc = self.cfg.train
-        batches = [self.loader.next_batch(tc.micro_batch_size * self.data_parallel).to(self.device, non_blocking=True)
-                   for _ in range(micro_batches)]
         if self.pipeline is not None:
             losses = self.pipeline.train_step([(b[:, :-1], b[:, 1:]) for b in batches], mtp_weight)
             self.replicas.sum_gradients()
@@ -380,8 +411,8 @@ class Trainer:
             with self.autocast:
                 out = self.model(batch[:, :-1], batch[:, 1:])
                 loss = out.total(mtp_weight)
-            (loss / micro_batches).backward()
-            losses += torch.stack([out.main_loss, out.mtp_loss, out.balance_loss]).detach() / micro_batches
+            (loss / len(batches)).backward()
+            losses += torch.stack([out.main_loss, out.mtp_loss, out.balance_loss]).detach() / len(batches)
         return losses
 
     def _sum_loads(self, loads: torch.Tensor) -> None:
