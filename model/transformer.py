@@ -6,11 +6,11 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import MLA
 from .config import ModelConfig
+from .loss import linear_cross_entropy
 from .mlp import MLP
 from .moe import MoE, RoutedExperts, Router
 from .norm import RMSNorm
@@ -110,12 +110,12 @@ class Transformer(nn.Module):
     def losses(self, h: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
         """The head of the model: main loss from the last layer's output h, then the MTP modules
         (whose balance losses the output carries)."""
-        main_loss = cross_entropy(self.head(self.norm(h)), targets)
+        main_loss = linear_cross_entropy(self.norm(h), self.head.weight, targets)
         mtp_losses, balance_loss = [], h.new_zeros((), dtype=torch.float32)
         for k, module in enumerate(self.mtp, start=1):
             h, layer_loss = module(h[:, :-1], self.embed(tokens[:, k:]))  # h^{k-1} holds seq-k+1 positions
             balance_loss = balance_loss + layer_loss
-            mtp_losses.append(cross_entropy(self.head(module.norm(h)), targets[:, k:]))
+            mtp_losses.append(linear_cross_entropy(module.norm(h), self.head.weight, targets[:, k:]))
         return ModelOutput(main_loss, mtp_losses, balance_loss)
 
     def blocks(self) -> list[Block]:
@@ -145,10 +145,6 @@ class Transformer(nn.Module):
             elif isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, 0.0, self.cfg.init_std,
                                 generator=_generator(seed, name, module.weight.device))
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def _stream(seed: int, name: str) -> int:
