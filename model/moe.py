@@ -51,7 +51,7 @@ class Router(nn.Module):
         cfg = self.cfg
         grouped = selection.view(selection.shape[0], cfg.n_expert_groups, -1)
         if cfg.score_func == "sigmoid":
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # sum of each group's top-2
+            group_scores = top_two_sum(grouped)
         else:
             group_scores = grouped.amax(dim=-1)
         kept = group_scores.topk(cfg.n_limited_groups, dim=-1).indices
@@ -181,7 +181,7 @@ class DispatchPlan:
 
     def sort(self, flat: torch.Tensor) -> torch.Tensor:
         """(tokens, dim) -> (tokens * k, dim) copies in send order."""
-        return flat[self.order // self.k]
+        return GatherRows.apply(flat, self.order // self.k, self.restore, self.k)
 
     def to_experts(self, arrived: torch.Tensor) -> torch.Tensor:
         return arrived if self.regroup is None else arrived[self.regroup]
@@ -191,8 +191,39 @@ class DispatchPlan:
 
     def combine(self, returned: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Expert outputs back in (token, k) order, summed with the gates: (tokens, dim)."""
-        routed = returned[self.restore].unflatten(0, (-1, self.k))
+        routed = GatherRows.apply(returned, self.restore, self.order, 1).unflatten(0, (-1, self.k))
         return (routed * gates.unsqueeze(-1).to(routed.dtype)).sum(dim=1)
+
+
+def top_two_sum(x: torch.Tensor) -> torch.Tensor:
+    """x.topk(2, dim=-1).values.sum(-1), bit for bit (the same two values, added in the same order),
+    from two max-reductions, which compile into one fused kernel where topk is a sort per row."""
+    first = x.amax(dim=-1, keepdim=True)
+    is_first = x == first
+    second = x.masked_fill(is_first, float("-inf")).amax(dim=-1, keepdim=True)
+    second = torch.where(is_first.sum(dim=-1, keepdim=True) > 1, first, second)  # a tie for first place
+    return (first + second).squeeze(-1)
+
+
+class GatherRows(torch.autograd.Function):
+    """rows[index], where each row of `rows` lands at `copies` places (the token copies of the
+    top-k) and `inverse` lists those places, row by row: out[inverse[r * copies + c]] = rows[r].
+    Backward is then a gather too, grad[inverse] summed over the copies, where plain indexing would
+    scatter-add with atomics into an FP32 buffer."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, copies: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.copies = copies
+        return rows[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        grad_rows = grad[inverse]
+        if ctx.copies > 1:
+            grad_rows = grad_rows.unflatten(0, (-1, ctx.copies)).sum(dim=1)
+        return grad_rows, None, None, None
 
 
 def rows_per_expert(flat: torch.Tensor, n_experts: int) -> torch.Tensor:

@@ -115,3 +115,24 @@ def test_rows_per_expert_equals_bincount_without_waiting_for_the_device():
         flat[:3] = n_experts - 1
         assert torch.equal(rows_per_expert(flat, n_experts), torch.bincount(flat, minlength=n_experts))
     assert torch.equal(rows_per_expert(torch.tensor([2, 2]), 5), torch.tensor([0, 0, 2, 0, 0]))  # empty experts
+
+
+def test_gathered_rows_have_the_gradients_of_plain_indexing():
+    """The dispatch's sort (k copies of each token) and the combine's restore, against plain
+    indexing, whose backward scatter-adds: float64, so equal to rounding."""
+    from dsv3.model.moe import GatherRows, sort_by_expert
+
+    generator = torch.Generator().manual_seed(0)
+    tokens, k, n_experts = 9, 3, 4
+    indices = torch.stack([torch.randperm(n_experts, generator=generator)[:k] for _ in range(tokens)])
+    order, restore, _ = sort_by_expert(indices, n_experts)
+    weights = torch.randn(tokens * k, 5, dtype=torch.float64, generator=generator)
+    cases = [(tokens, lambda x: GatherRows.apply(x, order // k, restore, k), lambda x: x[order // k]),  # sort
+             (tokens * k, lambda x: GatherRows.apply(x, restore, order, 1), lambda x: x[restore])]  # combine
+    for rows, gathered, plain in cases:
+        x = torch.randn(rows, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+        ours = gathered(x)
+        (grad,) = torch.autograd.grad((ours * weights).sum(), x)
+        (expected,) = torch.autograd.grad((plain(x) * weights).sum(), x)
+        assert torch.equal(ours, plain(x))
+        torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)

@@ -97,3 +97,15 @@ def test_bias_update_drives_a_skewed_router_toward_balance():
     first, last = sum(violations[:10]) / 10, sum(violations[-50:]) / 50
     assert first > 1.0
     assert last < 0.25 * first
+
+
+def test_top_two_sum_equals_topk_bit_for_bit():
+    """Random scores, rows with a tie for first place, and rows of equal values."""
+    from dsv3.model.moe import top_two_sum
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 8, 8, generator=generator)
+    x[0, 0, 3] = x[0, 0, 5] = x[0, 0].max() + 0.5  # tie for first
+    x[1, 2] = 0.25  # all equal
+    x[2, 1, :2] = x[2, 1].max() + 1.0  # tie for first at the start
+    assert torch.equal(top_two_sum(x), x.topk(2, dim=-1).values.sum(dim=-1))
