@@ -132,3 +132,34 @@ def test_bf16_moment_adamw():
                for s in optimizer.state.values())
     for a, b, start in zip(bf16, reference, params):
         assert ((a - b).norm() / (b - start).norm()).item() < 0.02  # the update differs by < 2%
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # clipping, and a norm under the limit
+def test_clipped_step_equals_clip_grad_norm_then_step(max_norm):
+    """torch's fused AdamW with the clip factor as its gradient divisor, and the foreach path,
+    against clip_grad_norm_ + step: float32, so within a few ulps of each parameter (dividing by
+    1/c instead of multiplying by c rounds differently; the update's sqrt and division stay
+    within 1e-6 relative)."""
+    from dsv3.train.optim import clipped_step
+
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 7, generator=generator), torch.randn(11, generator=generator)]
+    grads = [torch.randn(p.shape, generator=generator) for p in start]
+    results = {}
+    for name, fused in (("reference", False), ("fused", True), ("foreach", False)):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = torch.optim.AdamW(params, lr=0.1, fused=fused, foreach=not fused and name == "foreach")
+        for _ in range(2):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            if name == "reference":
+                norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                optimizer.step()
+            else:
+                norm = clipped_step(optimizer, params, max_norm)
+        assert getattr(optimizer, "grad_scale", None) is None  # nothing left behind for a later step
+        results[name] = norm, params
+    for name in ("fused", "foreach"):
+        assert results[name][0].item() == pytest.approx(results["reference"][0].item(), rel=1e-6)
+        for ours, reference in zip(results[name][1], results["reference"][1]):
+            torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)

@@ -54,3 +54,22 @@ def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float
     if state_dtype == "bfloat16":
         return AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_dtype=torch.bfloat16)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type == "cuda")
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scales the gradients to a total 2-norm of at most max_norm, as clip_grad_norm_ does, and
+    steps; returns the norm before clipping. torch's fused Adam(W) divides each gradient by its
+    `grad_scale` tensor (the hook its loss scaler uses) while it updates, so there the clip factor
+    goes in as that divisor and the gradients are not rewritten in a pass of their own first."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(optimizer, torch.optim.Adam) and optimizer.defaults.get("fused"):
+        optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp_min(1.0)  # 1 / clip_grad_norm_'s factor
+        try:
+            optimizer.step()
+        finally:
+            optimizer.grad_scale = None
+    else:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+        optimizer.step()
+    return norm
