@@ -22,7 +22,9 @@ instead passes `train.compile=on`, the trainer's setting; eager runs pass `train
 
 Each (config, system) runs in its own subprocess, so memory peaks and compile caches stay apart.
 Step time is the median over --steps steps (CUDA events) after --warmup steps; peak memory is
-torch.cuda.max_memory_allocated over the timed steps; MFU uses dsv3's FLOP count for both,
+torch.cuda.max_memory_allocated over the timed steps; one more step is profiled for the GPU
+operations it launches and their busy time, and one more runs under torch's sync debug mode to count
+the host syncs it asks for; MFU uses dsv3's FLOP count for both,
 dsv3.model.count(cfg, seq_len).flop_per_token, against the GPU's dense BF16 peak. The table goes
 to stdout and the results, as JSON, to $OUT/titan_step.json when $OUT is set.
 
@@ -54,6 +56,12 @@ from model_step import median_ms, peak_gib  # benchmarks/ is on sys.path when ru
 CONFIGS = {  # name: dsv3 recipe overrides
     "small": ["model=small", "model.mtp_depth=0"],
     "v2_lite_4l": ["model=v2_lite_16b", "model.n_layers=4", "model.mtp_depth=0"],
+    "small_mtp": ["model=small"],  # MTP D=1, the recipe's
+    "v2_lite_4l_fp8": ["model=v2_lite_16b", "model.n_layers=4", "model.mtp_depth=0", "precision=fp8"],
+}
+DSV3_ONLY = {  # configs that only dsv3 runs, and why
+    "small_mtp": "torchtitan has no multi-token prediction",
+    "v2_lite_4l_fp8": "FP8 compares with dsv3's BF16 row",
 }
 SMOKE_CONFIGS = {"tiny": ["model=tiny", "model.mtp_depth=0"]}
 SYSTEMS = ["dsv3 eager", "dsv3 compiled", "torchtitan eager", "torchtitan compiled"]
@@ -192,7 +200,30 @@ def measure(step, device: torch.device, steps: int, warmup: int) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    return {"step_ms": median_ms(step, warmup=0, iters=steps, cuda=cuda), "peak_gib": peak_gib(device)}
+    timed = {"step_ms": median_ms(step, warmup=0, iters=steps, cuda=cuda), "peak_gib": peak_gib(device)}
+    return {**timed, **(count_one_step(step) if cuda else {})}
+
+
+def count_one_step(step) -> dict:
+    """One more step, profiled: GPU operations launched (kernels, copies, memsets) and their busy time,
+    then one more under torch's sync debug mode: the host syncs it asks for."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    if os.environ.get("TITAN_STEP_TRACE"):  # a file name: the profiled step's timeline, for chrome://tracing
+        prof.export_chrome_trace(os.environ["TITAN_STEP_TRACE"])
+    gpu_ops = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = sum("synchronizing" in str(w.message) for w in caught)
+    return {"gpu_ops": len(gpu_ops), "gpu_busy_ms": sum(e.time_range.elapsed_us() for e in gpu_ops) / 1e3, "host_syncs": syncs}
 
 
 def run_dsv3(cfg: Config, compiled: bool, args) -> dict:
@@ -250,7 +281,10 @@ def launch(args, config: str, system: str) -> dict:
                "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--compile-backend", args.compile_backend, "--dsv3-compile", args.dsv3_compile,
                *(["--smoke"] if args.smoke else [])]
-    done = subprocess.run(command, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.trace and os.environ.get("OUT"):
+        env["TITAN_STEP_TRACE"] = str(Path(os.environ["OUT"]) / f"trace_{config}_{system.replace(' ', '_')}.json")
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         sys.stderr.write(f"--- {config}, {system} failed (exit {done.returncode}):\n" + done.stderr[-4000:])
@@ -271,6 +305,7 @@ def main() -> None:
     parser.add_argument("--dsv3-compile", choices=["harness", "trainer"], default="harness",
                         help="harness: block.compile() on each layer here; trainer: train.compile=on")
     parser.add_argument("--smoke", action="store_true", help="dsv3 only, the tiny recipe on the CPU, seconds")
+    parser.add_argument("--trace", action="store_true", help="write each profiled step's timeline under $OUT")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -289,17 +324,23 @@ def main() -> None:
     rows = []
     for name in args.configs.split(","):
         cfg = dsv3_config(configs[name], args.batch, args.seq_len, args.smoke, f"/tmp/titan_step/{name}")
-        mapped = titan_model_args(asdict(cfg.model), cfg.train.schedule.bias_update_speed)
+        only = DSV3_ONLY.get(name)
         counts = {"dsv3": dsv3_params(cfg.model)}
-        if installed:
-            counts["torchtitan"] = titan_params(name, cfg, args.batch)
-        print(f"# {name}: " + ", ".join(f"{system} {n:,} parameters" for system, n in counts.items())
-              + f"; torchtitan moe_args {mapped['moe_args']}")
+        mapping = ""
+        if not only:
+            mapped = titan_model_args(asdict(cfg.model), cfg.train.schedule.bias_update_speed)
+            mapping = f"; torchtitan moe_args {mapped['moe_args']}"
+            if installed:
+                counts["torchtitan"] = titan_params(name, cfg, args.batch)
+        print(f"# {name}: " + ", ".join(f"{system} {n:,} parameters" for system, n in counts.items()) + mapping)
         if len(set(counts.values())) > 1:
             sys.exit(f"Refusing to compare {name}: the two systems' models have different parameter counts.")
-        flop_per_token = count(cfg.model, args.seq_len).flop_per_token
+        counted = count(cfg.model, args.seq_len)
+        flop_per_token = counted.flop_per_token + counted.mtp_flop_per_token  # the trainer's MFU basis
         for system in args.systems.split(","):
-            if system.startswith("torchtitan") and not installed:
+            if system.startswith("torchtitan") and only:
+                result = {"error": f"not run: {only}"}
+            elif system.startswith("torchtitan") and not installed:
                 result = {"error": "not installed"}
             elif system.startswith("torchtitan") and args.smoke:
                 result = {"error": "not run (the smoke run is dsv3 only)"}
@@ -310,15 +351,18 @@ def main() -> None:
                 result["mfu"] = result["tokens_per_s"] * flop_per_token / peak if peak else None
             rows.append({"config": name, "system": system, "flop_per_token": flop_per_token, **result})
 
-    print(f"| {'config':<12} | {'system':<20} | {'tokens/s':>10} | {'MFU':>6} | {'peak GiB':>8} | {'step ms':>8} |")
-    print(f"|{'-' * 14}|{'-' * 22}|{'-' * 12}|{'-' * 8}|{'-' * 10}|{'-' * 10}|")
+    print(f"| {'config':<12} | {'system':<20} | {'tokens/s':>10} | {'MFU':>6} | {'peak GiB':>8} | {'step ms':>8} "
+          f"| {'GPU ops':>7} | {'busy ms':>7} | {'syncs':>5} |")
+    print(f"|{'-' * 14}|{'-' * 22}|{'-' * 12}|{'-' * 8}|{'-' * 10}|{'-' * 10}|{'-' * 9}|{'-' * 9}|{'-' * 7}|")
     for r in rows:
         if "step_ms" not in r:
             print(f"| {r['config']:<12} | {r['system']:<20} | {r['error']}")
             continue
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else f"{'-':>6}"
+        counts = (f"{r['gpu_ops']:7d} | {r['gpu_busy_ms']:7.1f} | {r['host_syncs']:5d}" if "gpu_ops" in r
+                  else f"{'-':>7} | {'-':>7} | {'-':>5}")
         print(f"| {r['config']:<12} | {r['system']:<20} | {r['tokens_per_s']:10,.0f} | {mfu} | "
-              f"{r['peak_gib']:8.1f} | {r['step_ms']:8.1f} |")
+              f"{r['peak_gib']:8.1f} | {r['step_ms']:8.1f} | {counts} |")
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "titan_step.json"
         path.write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=1))

@@ -146,3 +146,53 @@ def test_compiled_blocks_train_like_eager_blocks(tmp_path):
                        "train.eval_every=0", "train.steps=3", f"train.compile={setting}"])
         runs[setting] = [r["loss"] for r in Trainer(OmegaConf.to_object(cfg)).run()]
     assert runs["on"] == pytest.approx(runs["off"], rel=2e-3)
+
+
+def test_chunked_head_loss_on_gpu_equals_fp64_plain_form():
+    """The head's chunked cross-entropy under BF16 autocast at a vocabulary of 32K, several chunks:
+    loss and gradients against the plain form in float64 on the same BF16-rounded operands. The
+    products round to BF16 (2^-8 relative), so the gradients land near 4e-3; the loss far under."""
+    import torch.nn.functional as F
+
+    from dsv3.model.loss import linear_cross_entropy
+
+    generator = torch.Generator("cuda").manual_seed(0)
+    h = torch.randn(8192, 512, device="cuda", generator=generator, requires_grad=True)
+    weight = (0.05 * torch.randn(32768, 512, device="cuda", generator=generator)).requires_grad_()
+    targets = torch.randint(32768, (8192,), device="cuda", generator=generator)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        value = linear_cross_entropy(h, weight, targets)
+    value.backward()
+    h64 = h.detach().bfloat16().double().requires_grad_()
+    w64 = weight.detach().bfloat16().double().requires_grad_()
+    expected = F.cross_entropy(F.linear(h64, w64), targets)
+    expected.backward()
+    assert abs(value.item() - expected.item()) < 2**-8 * expected.item()
+    assert relative_error(h.grad, h64.grad) < 1e-2
+    assert relative_error(weight.grad, w64.grad) < 1e-2
+
+
+def test_clipped_fused_adamw_on_gpu_equals_clip_grad_norm_then_step():
+    """The clip factor as fused AdamW's gradient divisor on the GPU, against clip_grad_norm_ and the
+    same fused step: float32, a few ulps apart (a division where the reference multiplies)."""
+    from dsv3.train.optim import clipped_step
+
+    generator = torch.Generator("cuda").manual_seed(0)
+    start = [torch.randn(256, 512, device="cuda", generator=generator), torch.randn(512, device="cuda", generator=generator)]
+    grads = [torch.randn(p.shape, device="cuda", generator=generator) for p in start]
+    results = []
+    for ours in (False, True):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = torch.optim.AdamW(params, lr=0.1, fused=True)
+        for _ in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            if ours:
+                norm = clipped_step(optimizer, params, 1.0)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+        results.append((norm, params))
+    assert results[1][0].item() == pytest.approx(results[0][0].item(), rel=1e-6)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
