@@ -90,8 +90,9 @@ def test_titan_step_smoke_runs_dsv3_and_names_torchtitan(tmp_path):
     stdout = run("titan_step.py", "--smoke", cwd=tmp_path, env=env)
     rows = {(r[0], r[1]): r[2:] for r in table(stdout)[2:]}
     for system in ("dsv3 eager", "dsv3 compiled"):
-        tokens_per_s, mfu, peak, step_ms = rows["tiny", system]
+        tokens_per_s, mfu, peak, step_ms, gpu_ops, busy_ms, syncs = rows["tiny", system]
         assert float(tokens_per_s.replace(",", "")) > 0 and float(step_ms) > 0, system
+        assert gpu_ops == busy_ms == syncs == "-"  # counted on a GPU only
     for system in ("torchtitan eager", "torchtitan compiled"):
         assert rows["tiny", system][0] in ("not installed", "not run (the smoke run is dsv3 only)")
     assert "# tiny: dsv3 959,648 parameters" in stdout
