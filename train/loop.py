@@ -340,6 +340,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
         losses = self._forward_backward(self._batches(batch_size), mtp_weight)
+        # Host work while the device runs the backward pass: the next step's batches.
+        self._read_ahead(self.schedule.batch_size(tokens_after))
         if self.zero:  # reduce-scatter, clip, update its slice, all-gather
             grad_norm = self.optimizer.step(tc.grad_clip)
         elif self.runtime is None:
@@ -357,7 +359,6 @@ class Trainer:
         violation = self._all_layers(update_expert_bias(self.routers, bias_update_speed, sum_loads))
         self.step += 1
         self.tokens = tokens_after
-        self._read_ahead(self.schedule.batch_size(self.tokens))  # on the CPU, while the device works
 
         # One host sync for every figure of the step.
         scalars = torch.cat([losses.float(), grad_norm.reshape(1).float().to(losses.device),
