@@ -83,8 +83,9 @@ def titan_model_args(cfg: dict, bias_update_speed: float = 1e-3) -> dict:
     if cfg["mtp_depth"]:
         raise ValueError("torchtitan's DeepSeek-V3 has no multi-token prediction: set model.mtp_depth=0.")
     grouped = cfg["n_expert_groups"] > 1
-    if grouped and cfg["score_func"] == "softmax":
-        raise ValueError("torchtitan scores an expert group by its top-2 sum; dsv3's softmax routing uses the group max.")
+    if grouped and not cfg["expert_bias"]:
+        raise ValueError("torchtitan scores an expert group by its top-2 sum; dsv3 without an expert bias uses "
+                         "the group max.")
     same = ["vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers", "n_heads", "norm_eps",
             "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_seq_len",
             "original_seq_len", "rope_theta", "rope_factor", "beta_fast", "beta_slow", "mscale"]

@@ -80,8 +80,8 @@ class ModelConfig:
             check(self.n_activated_experts <= self.n_limited_groups * per_group,
                   f"model.n_activated_experts={self.n_activated_experts} exceeds the "
                   f"{self.n_limited_groups * per_group} experts in model.n_limited_groups={self.n_limited_groups} groups.")
-            if self.n_expert_groups > 1 and self.score_func == "sigmoid":
-                check(per_group >= 2, "sigmoid group routing scores a group by its top-2 experts, "
+            if self.n_expert_groups > 1 and self.expert_bias:
+                check(per_group >= 2, "with model.expert_bias a group is scored by its top-2 experts, "
                       f"so each of the model.n_expert_groups={self.n_expert_groups} groups needs at least 2.")
         check(self.route_scale > 0, f"model.route_scale must be positive, got {self.route_scale}.")
         check(self.seq_aux_alpha >= 0, f"model.seq_aux_alpha must be >= 0, got {self.seq_aux_alpha}.")

@@ -50,10 +50,8 @@ class Router(nn.Module):
         """Keep the n_limited_groups best expert groups (nodes) per token; mask the rest to -inf."""
         cfg = self.cfg
         grouped = selection.view(selection.shape[0], cfg.n_expert_groups, -1)
-        if cfg.score_func == "sigmoid":
-            group_scores = top_two_sum(grouped)
-        else:
-            group_scores = grouped.amax(dim=-1)
+        # As DeepSeek-V3's reference code: with a bias, the sum of a group's top-2; without, its max.
+        group_scores = top_two_sum(grouped) if self.expert_bias is not None else grouped.amax(dim=-1)
         kept = group_scores.topk(cfg.n_limited_groups, dim=-1).indices
         dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
         return grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)

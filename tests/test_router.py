@@ -52,6 +52,28 @@ def test_selected_experts_lie_in_the_top_groups():
         assert set(best.tolist()) == set(indices[row].tolist())
 
 
+@pytest.mark.parametrize("score_func, expert_bias", [("sigmoid", True), ("sigmoid", False), ("softmax", True),
+                                                     ("softmax", False)])
+def test_group_score_follows_the_reference_rule(score_func, expert_bias):
+    """DeepSeek-V3's reference keys the group score on the bias, not on the score function: with a
+    bias, each group's top-2 sum of biased scores; without, its max. Routing here equals a direct
+    transcription of that rule for all four combinations."""
+    router = make_router(score_func=score_func, expert_bias=expert_bias)
+    if expert_bias:
+        router.expert_bias.copy_(torch.randn(16, generator=torch.Generator().manual_seed(1)) * 0.1)
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(2))
+    _, indices, _ = router(x)
+    logits = x @ router.weight.T
+    scores = logits.sigmoid() if score_func == "sigmoid" else logits.softmax(dim=-1)
+    if expert_bias:
+        scores = scores + router.expert_bias
+    grouped = scores.view(300, 4, 4)
+    group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1) if expert_bias else grouped.amax(dim=-1)
+    mask = torch.ones(300, 4, dtype=torch.bool).scatter_(1, group_scores.topk(2, dim=-1)[1], False)
+    expected = grouped.masked_fill(mask.unsqueeze(-1), float("-inf")).flatten(1).topk(4, dim=-1)[1]
+    assert torch.equal(indices, expected)
+
+
 def test_softmax_routing_uses_group_max_and_unnormalised_gates():
     router = make_router(score_func="softmax", expert_bias=False, route_scale=16.0)
     x = torch.randn(200, 16)
