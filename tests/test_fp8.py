@@ -126,6 +126,78 @@ def test_fp8_experts_track_high_precision():
     assert fp8.w1.grad[1].abs().sum() == 0  # the expert that got no tokens
 
 
+def test_fp8_experts_equal_the_composition_of_dequantised_operands():
+    """Every GEMM of the FP8 experts, forward and backward, equals the float64 product of its
+    dequantised operands, expert by expert: x and [W1 | W3] for gate and up; h and W2 for y; dy and
+    W2 for dh; d[gate | up] and [W1 | W3] for dx; for the weight gradients, each expert's own tokens
+    re-tiled along the token dimension (x from its FP8 copy). Counts of 0, 1 and non-multiples of 128,
+    widths padded (dim 160, inter 64). Inputs are small integers times powers of two, chosen per
+    row block and per 128-column tile so scales differ between tiles, with power-of-two scales:
+    then quantising them is exact and so are the products that feed a later quantisation, so both
+    sides quantise identical values; the outputs agree to the emulation's FP32 sums (1e-5), and a
+    wrong scale, tile or expert anywhere moves them by at least 2^-4."""
+    from dsv3.fp8 import quant
+
+    counts = torch.tensor([0, 1, 130, 77, 0, 200])
+    rows, dim, inter, experts = int(counts.sum()), 160, 64, 6
+    g = torch.Generator().manual_seed(11)
+
+    def integers(*shape, high=3):
+        return torch.randint(-high, high + 1, shape, generator=g).float()
+
+    row_scale = 2.0 ** ((torch.arange(rows) // 50) % 3).float()[:, None]  # token tiles of different ranges
+    col_scale = torch.ones(dim)
+    col_scale[128:] = 4.0  # the second K tile of x four times the first
+    x = (integers(rows, dim) * row_scale * col_scale).requires_grad_()
+    dy = integers(rows, dim) * row_scale
+    fp8 = RoutedExperts(experts, dim, inter, init_std=0.05)
+    with torch.no_grad():
+        for w in (fp8.w1, fp8.w2, fp8.w3):
+            w.copy_(integers(*w.shape, high=2) / 8)
+    fp8.__class__ = FP8RoutedExperts
+    fp8.power_of_two = True
+    y = fp8(x, counts)
+    y.backward(dy)
+
+    def dq_tiles(t):  # 1x128 tiles along the last dimension, quantised and back, in float64
+        return quant.dequantize_tiles(*quant.quantize_tiles(t, True), t.shape[-1]).double()
+
+    def dq_blocks(w):
+        return quant.dequantize_blocks(*quant.quantize_blocks(w, True), tuple(w.shape)).double()
+
+    def padded(t):  # (rows, inter) -> (rows, inter padded to a tile)
+        return torch.nn.functional.pad(t, (0, 128 - inter))
+
+    y_ref, dx_ref = torch.zeros(rows, dim, dtype=torch.float64), torch.zeros(rows, dim, dtype=torch.float64)
+    grads_ref = {name: torch.zeros(experts, *getattr(fp8, name).shape[1:], dtype=torch.float64)
+                 for name in ("w1", "w2", "w3")}
+    first = 0
+    for e, n in enumerate(counts.tolist()):
+        part = slice(first, first + n)
+        first += n
+        if n == 0:
+            continue
+        w1, w3, w2 = dq_blocks(fp8.w1[e].detach()), dq_blocks(fp8.w3[e].detach()), dq_blocks(fp8.w2[e].detach())
+        x_e = dq_tiles(x[part].detach())
+        gu = torch.cat([padded(x_e @ w1), padded(x_e @ w3)], dim=1).float()  # exact: integers
+        h_q, h_s, gu_q, gu_s = quant.swiglu_quantize(gu, True)
+        y_ref[part] = quant.dequantize_tiles(h_q, h_s, 128).double()[:, :inter] @ w2
+        dh = padded(dq_tiles(dy[part]) @ w2.t()).float()  # exact: integers
+        h, dgu = quant.swiglu_backward(gu_q, gu_s, dh, torch.float32)
+        dgu_dq = dq_tiles(dgu)
+        dx_ref[part] = dgu_dq[:, :inter] @ w1.t() + dgu_dq[:, 128:128 + inter] @ w3.t()
+        grads_ref["w2"][e] = (dq_tiles(h.t()) @ dq_tiles(dy[part].t()).t())[:inter]
+        x_fp8 = dq_tiles(x[part].detach()).float()  # the FP8 copy the forward saved, re-tiled along tokens
+        dw13 = dq_tiles(x_fp8.t()) @ dq_tiles(dgu.t()).t()
+        grads_ref["w1"][e], grads_ref["w3"][e] = dw13[:, :inter], dw13[:, 128:128 + inter]
+
+    for name, got, expected in [("y", y, y_ref), ("dx", x.grad, dx_ref),
+                                *((f"d{n}", getattr(fp8, n).grad, grads_ref[n]) for n in ("w1", "w2", "w3"))]:
+        assert expected.abs().max() > 0, name
+        torch.testing.assert_close(got.detach().double(), expected, rtol=1e-5,
+                                   atol=1e-5 * expected.abs().max().item(), msg=name)
+
+
 def test_convert_swaps_exactly_the_recipes_layers():
     cfg = ModelConfig(vocab_size=97, dim=32, inter_dim=48, moe_inter_dim=16, n_layers=3, n_dense_layers=1,
                       n_heads=2, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, n_expert_groups=1,
