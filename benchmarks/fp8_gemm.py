@@ -24,7 +24,8 @@ import json
 import torch
 
 from dsv3.fp8.gemm import gemm
-from dsv3.fp8.grouped import Groups, grouped_gemm
+from dsv3.fp8.grouped import grouped_gemm
+from dsv3.fp8.groups import Groups
 from dsv3.fp8.linear import FP8LinearFunction, FP8RoutedExperts, _ops, quantize_expert_weights
 from dsv3.model.moe import RoutedExperts, grouped_mm_supported
 from model_step import autocast, median_ms  # benchmarks/ is on sys.path when run as a script

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grouped import Groups
+from .groups import Groups
 from .quant import E4M3, TILE, padded
 
 

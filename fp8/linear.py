@@ -21,7 +21,8 @@ from dsv3.model.moe import RoutedExperts, compute_dtype
 
 from . import quant
 from .gemm import gemm
-from .grouped import Groups, grouped_gemm, grouped_wgrad
+from .grouped import grouped_gemm, grouped_wgrad
+from .groups import Groups
 
 
 def _ops(device: torch.device):

@@ -12,7 +12,7 @@ from torch import nn
 
 from dsv3.fp8 import FP8Config, convert
 from dsv3.fp8.gemm import emulate
-from dsv3.fp8.grouped import Groups
+from dsv3.fp8.groups import Groups
 from dsv3.fp8.linear import FP8Linear, FP8LinearFunction, FP8RoutedExperts
 from dsv3.fp8.quant import (E4M3_MAX, dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles)
 from dsv3.model import ModelConfig, Transformer
