@@ -1,4 +1,4 @@
-"""Raw text -> tokens -> FIM -> packed token store: ``python -m dsv3.data.prepare [overrides]``.
+"""Raw text -> tokens -> FIM -> packed token store (``python -m dsv3.train.prepare [overrides]`` runs it).
 
 Reads the source named by ``data.source`` (text and JSON files directly, Parquet and hub datasets
 through Hugging Face ``datasets``; a file that cannot be read fails naming it), splits documents into
@@ -15,7 +15,6 @@ import logging
 import os
 import platform
 import shutil
-import sys
 import sysconfig
 import zlib
 from pathlib import Path
@@ -344,48 +343,3 @@ def open_store(cfg: DataConfig, seed: int) -> TokenStore:
         return TokenStore(path)
     log.info("preparing %s into %s (once; later runs reuse it)", cfg.source, path)
     return prepare(cfg, seed, path)
-
-
-USAGE = """\
-usage: python -m dsv3.data.prepare [OVERRIDE ...]
-
-Prepares the token store a run would read (tokenizer, FIM, packing), once, under data.cache_dir,
-and prints its path and split sizes. The arguments are Hydra overrides, the same as dsv3-train's
-(python -m dsv3.train --help lists the config groups and fields).
-
-examples:
-  python -m dsv3.data.prepare                  # the embedded corpus, as make train uses it
-  python -m dsv3.data.prepare data=files data.source=/data/code data.vocab_size=32768 data.num_proc=16
-"""
-
-
-def main(argv: list[str] | None = None) -> int:
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from dsv3.model.summary import describe
-    from dsv3.train.config import compose
-
-    overrides = sys.argv[1:] if argv is None else argv
-    if any(arg in ("-h", "--help") for arg in overrides):
-        print(USAGE, end="")
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = compose(overrides)
-        data_cfg = OmegaConf.to_object(cfg.data)
-        store = open_store(data_cfg, cfg.seed)
-    except (HydraException, OmegaConfBaseException, ValueError, FileNotFoundError) as error:
-        print(f"error: {describe(error)}", file=sys.stderr)
-        return 2
-    print(f"store: {store.path}")
-    print(f"vocab_size: {store.vocab_size}")
-    for name, split in store.meta["splits"].items():
-        print(f"{name}: {split['tokens']} tokens, {split['documents']} documents, {split['bytes']} bytes, "
-              f"{split['fim_documents']} FIM")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

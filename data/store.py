@@ -103,7 +103,7 @@ class TokenStore:
         meta_file = self.path / "meta.json"
         if not meta_file.is_file():
             raise FileNotFoundError(f"{self.path} is not a complete data store (it has no meta.json); "
-                                    "run `python -m dsv3.data.prepare` to make one.")
+                                    "run `python -m dsv3.train.prepare` to make one.")
         try:
             self.meta = json.loads(meta_file.read_text())
         except json.JSONDecodeError as error:

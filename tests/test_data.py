@@ -357,14 +357,14 @@ def test_mid_epoch_resume_equals_an_uninterrupted_run(split):
 
 
 def test_prepare_command_prints_the_store(tmp_path, corpus):
-    result = subprocess.run([sys.executable, "-m", "dsv3.data.prepare", f"data.source={corpus}",
+    result = subprocess.run([sys.executable, "-m", "dsv3.train.prepare", f"data.source={corpus}",
                              f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=300", "data.num_proc=2"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
     assert Path(lines["store"]).parent == tmp_path / "cache" and lines["vocab_size"] == "300"
     assert "tokens" in lines["train"] and "documents" in lines["validation"]
-    bad = subprocess.run([sys.executable, "-m", "dsv3.data.prepare", f"data.source={tmp_path / 'missing'}"],
+    bad = subprocess.run([sys.executable, "-m", "dsv3.train.prepare", f"data.source={tmp_path / 'missing'}"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no such file or folder" in bad.stderr
 
@@ -372,7 +372,7 @@ def test_prepare_command_prints_the_store(tmp_path, corpus):
 def test_prepare_command_names_a_bad_line_and_writes_nothing(tmp_path):
     file = tmp_path / "rows.jsonl"
     file.write_text('{"text": "a"}\n{"text": "b", oops}\n')
-    result = subprocess.run([sys.executable, "-m", "dsv3.data.prepare", f"data.source={file}",
+    result = subprocess.run([sys.executable, "-m", "dsv3.train.prepare", f"data.source={file}",
                              f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=300"],
                             capture_output=True, text=True, timeout=300)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

@@ -23,7 +23,7 @@ def test_every_recipe_composes_into_a_valid_model(name):
 
 
 def test_summary_prints_named_values():
-    result = run("-m", "dsv3.model.summary", "model=v3_671b")
+    result = run("-m", "dsv3.train.summary", "model=v3_671b")
     assert result.returncode == 0, result.stderr
     values = dict(line.split(": ") for line in result.stdout.strip().splitlines())
     assert int(values["total_params"]) == 671026404352
@@ -33,8 +33,8 @@ def test_summary_prints_named_values():
 
 
 @pytest.mark.parametrize("module, usage", [
-    ("dsv3.data.prepare", "usage: python -m dsv3.data.prepare"),
-    ("dsv3.model.summary", "usage: python -m dsv3.model.summary"),
+    ("dsv3.train.prepare", "usage: python -m dsv3.train.prepare"),
+    ("dsv3.train.summary", "usage: python -m dsv3.train.summary"),
     ("dsv3.train", "Configuration groups"),
     ("dsv3.train.plot", "usage:"),
     ("dsv3.launch", "usage: dsv3-launch"),
@@ -55,7 +55,7 @@ def test_every_entry_point_answers_help(module, usage, tmp_path):
     ("model.score_func=relu", "model.score_func must be 'sigmoid' or 'softmax'"),
 ])
 def test_bad_overrides_fail_at_start_with_one_clear_message(override, message, tmp_path):
-    summary = run("-m", "dsv3.model.summary", override)
+    summary = run("-m", "dsv3.train.summary", override)
     assert summary.returncode == 2 and message in summary.stderr
     train = run("-m", "dsv3.train", override, f"train.run_dir={tmp_path}/run")
     assert train.returncode != 0 and message in train.stderr

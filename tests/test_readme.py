@@ -21,7 +21,7 @@ NOT_ON_CPU = {
     "dsv3-launch local model=small": "model=small on the GPUs of this machine",
     "dsv3-launch slurm cluster=mycluster": "submits to a real cluster: tests/test_launch.py submits to one",
     "python -m dsv3.train model=small precision=fp8": "cuBLASLt FP8 needs a Hopper GPU",
-    "python -m dsv3.data.prepare data=files data.source=Salesforce/wikitext": "downloads from the hub",
+    "python -m dsv3.train.prepare data=files data.source=Salesforce/wikitext": "downloads from the hub",
 }
 
 
@@ -66,7 +66,7 @@ def workdir(tmp_path_factory):
         (work / "code" / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 20)
     (work / "corpus.jsonl").write_text("".join(f'{{"content": "document {i}: " }}\n'.replace('" }', f'{"word " * i}" }}')
                                               for i in range(1, 40)))
-    prepared = subprocess.run([sys.executable, "-m", "dsv3.data.prepare", "data.max_documents=60"], cwd=work,
+    prepared = subprocess.run([sys.executable, "-m", "dsv3.train.prepare", "data.max_documents=60"], cwd=work,
                               capture_output=True, text=True, timeout=600)
     assert prepared.returncode == 0, prepared.stderr
     store = next((work / "data_cache").glob("stdlib-*"))
@@ -95,7 +95,7 @@ def runnable(command: str, work: Path) -> list[str]:
     if trains and "--cfg" not in args:
         args = [a for a in args if not a.startswith(("train.steps=", "train.tokens="))]
         args += ["train.steps=2", "train.eval_every=0", "train.wandb.mode=disabled", "data.max_documents=60"]
-    if "dsv3.data.prepare" in args:
+    if "dsv3.train.prepare" in args:
         args += ["data.max_documents=60", "data.num_proc=1"]
     return args
 

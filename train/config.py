@@ -142,7 +142,7 @@ def register() -> None:
 
 def compose(overrides: list[str], resolve: bool = False) -> DictConfig:
     """The recipe with command-line style overrides, composed as the trainer would, without
-    starting a run (for tools such as ``dsv3.model.summary``). With resolve=True every
+    starting a run (for tools such as ``dsv3.train.summary``). With resolve=True every
     interpolation, ${hydra:...} ones included, is resolved as in a run."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
@@ -157,3 +157,9 @@ def compose(overrides: list[str], resolve: bool = False) -> DictConfig:
             del cfg["hydra"]
         OmegaConf.resolve(cfg)
     return cfg
+
+
+def describe(error: BaseException) -> str:
+    """Hydra wraps the OmegaConf error that names the bad key and value; show both."""
+    cause = error.__cause__
+    return f"{error}\n{cause}" if cause is not None and str(cause) not in str(error) else str(error)
