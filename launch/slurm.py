@@ -1,8 +1,14 @@
 """`dsv3-launch slurm`: the recipe's run as an sbatch job, and `dsv3-launch local`: as torchrun here.
 
-The job script (written to <run_dir>/slurm/job.sbatch) runs one srun task per node; each starts
-torchrun with a c10d rendezvous on the allocation's first node, so every node's ranks join one
-process group. SLURM signals the batch shell (SIGUSR1) `cluster.grace_seconds` before the time
+The job script (written to <run_dir>/slurm/job.sbatch) first checks the allocation SLURM gave (node
+count, CPUs/GPUs per node) against the layout it was made for and reads the first node's address
+from SLURM (`python -m dsv3.launch.allocation`); a mismatch ends the job there, in one sentence. It
+then runs one srun task per node; each starts torchrun with a c10d rendezvous on that address, so
+every node's ranks join one process group, and records torchrun's exit status per node. A node
+that dies never records one: once another node's ranks have failed, the script waits
+`cluster.node_timeout` seconds, names the nodes that have not reported, and requeues the job (at
+most `cluster.node_failure_requeues` times); the next attempt resumes from the newest complete
+checkpoint. SLURM signals the batch shell (SIGUSR1) `cluster.grace_seconds` before the time
 limit; the script passes SIGTERM to the ranks, which finish their step, save a checkpoint and exit,
 and then requeues the job. The requeued job runs the same command, and `train.resume=auto` continues
 from the newest checkpoint: nothing changes between attempts.

@@ -50,12 +50,15 @@ down() {
     rm -rf "/etc/netns/$ns"
   done
   if [ -f "$DIR/created-etc-netns" ]; then rmdir /etc/netns 2>/dev/null || true; fi
-  if [ -f "$DIR/munged.pid" ]; then
-    pid=$(cat "$DIR/munged.pid")
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  # The munged and key `up` made, unless the machine's own SLURM (tests/start_slurm.sh) now uses them.
+  if ! { [ -s /run/slurmctld.pid ] && kill -0 "$(cat /run/slurmctld.pid)" 2>/dev/null; }; then
+    if [ -f "$DIR/munged.pid" ]; then
+      pid=$(cat "$DIR/munged.pid")
+      kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
+    if [ -f "$DIR/created-munge-key" ]; then rm -f /etc/munge/munge.key; fi
   fi
-  if [ -f "$DIR/created-munge-key" ]; then rm -f /etc/munge/munge.key; fi
   rm -rf "$DIR"
 }
 
