@@ -81,10 +81,13 @@ done
 if [ -n "$timed_out" ] && [ -n "$lost" ]; then
   echo "$(date -Is) node failure:$lost stopped answering (no exit status {node_timeout} s after another node's ranks failed)"
   {{ kill -KILL "$ranks"; wait "$ranks"; }} 2>/dev/null  # srun; the requeue (or exit) ends the step everywhere
-  if [ "$attempt" -le {node_failure_requeues} ]; then
+  failures={exits}/$SLURM_JOB_ID.node-failures  # one line per node failure of this job, across attempts
+  echo "$lost" >> "$failures"
+  if [ "$(wc -l < "$failures")" -le {node_failure_requeues} ]; then
     echo "$(date -Is) requeueing; the next attempt resumes from the newest complete checkpoint"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+    echo "$(date -Is) SLURM refused the requeue; submitting the job again resumes from the newest complete checkpoint"
+    exit 1
   fi
   echo "$(date -Is) not requeued after {node_failure_requeues} node failures (cluster.node_failure_requeues); submitting the job again resumes from the newest complete checkpoint"
   exit 1
