@@ -16,12 +16,16 @@ class ClusterConfig:
     log_dir: str = ""  # empty: <train.run_dir>/slurm
     port: int = 29500  # rendezvous port on the first node
     extra_sbatch: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. --exclusive
+    # Once one node's ranks have failed, the others have this long to report before the nodes that
+    # have not are named as failed and the job attempt ends.
+    node_timeout: int = 60
+    node_failure_requeues: int = 2  # attempts requeued after a node failure; then the job fails
 
     def __post_init__(self) -> None:
-        for name in ("nodes", "grace_seconds"):
+        for name in ("nodes", "grace_seconds", "node_timeout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"cluster.{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("gpus_per_node", "procs_per_node"):
+        for name in ("gpus_per_node", "procs_per_node", "node_failure_requeues"):
             if getattr(self, name) < 0:
                 raise ValueError(f"cluster.{name} must be >= 0, got {getattr(self, name)}.")
         if self.gpus_per_node and self.procs_per_node and self.procs_per_node != self.gpus_per_node:

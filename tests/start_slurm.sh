@@ -3,8 +3,24 @@
 # munge if missing (needs root and apt), writes a minimal slurm.conf (partition `debug` holding this
 # host) and starts munged, slurmctld and slurmd. Idempotent: a running cluster is left as it is.
 # Exits non-zero with a sentence on stderr when SLURM cannot be set up here.
+# `tests/start_slurm.sh down` stops the daemons this script started (their ids are kept in
+# /run/dsv3-slurm/pids), and nothing else.
 set -euo pipefail
 
+RECORD=/run/dsv3-slurm/pids
+if [ "${1:-}" = down ]; then
+  if [ -f "$RECORD" ]; then
+    for pid in $(cat "$RECORD"); do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in $(cat "$RECORD"); do
+      for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    done
+  fi
+  rm -rf "$(dirname "$RECORD")"
+  exit 0
+fi
+running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }  # a daemon by its pid file
+
+export SLURM_CONF=/etc/slurm/slurm.conf  # not a cluster another SLURM_CONF names
 if sinfo -h >/dev/null 2>&1 && [ -n "$(sinfo -h -o %T 2>/dev/null | grep -E 'idle|mix|alloc')" ]; then
   exit 0
 fi
@@ -49,9 +65,21 @@ if [ ! -s /etc/munge/munge.key ]; then
 fi
 chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
 chmod 400 /etc/munge/munge.key
-pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
-pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld
-pgrep -x slurmd >/dev/null || /usr/sbin/slurmd
+mkdir -p "$(dirname "$RECORD")"
+if ! pgrep -x munged >/dev/null; then
+  runuser -u munge -- /usr/sbin/munged
+  cat /run/munge/munged.pid >> "$RECORD"
+fi
+# Checked by pid file (tests/start_cluster.sh runs slurmctld and slurmd daemons of its own); run in
+# the foreground of a detached session, so that the id recorded is the daemon's.
+if ! running /run/slurmctld.pid; then
+  setsid /usr/sbin/slurmctld -D </dev/null >/dev/null 2>&1 &
+  echo $! >> "$RECORD"
+fi
+if ! running /run/slurmd.pid; then
+  setsid /usr/sbin/slurmd -D </dev/null >/dev/null 2>&1 &
+  echo $! >> "$RECORD"
+fi
 for _ in $(seq 30); do
   if [ -n "$(sinfo -h -o %T 2>/dev/null | grep -E 'idle|mix|alloc')" ]; then
     exit 0

@@ -38,15 +38,21 @@ def slurm_answers() -> bool:
 @pytest.fixture(scope="module")
 def slurm():
     """A SLURM cluster to submit to. start_slurm.sh installs packages and writes /etc/slurm, so it
-    runs only when DSV3_START_SLURM=1 asks for it; otherwise a cluster must already be up."""
+    runs only when DSV3_START_SLURM=1 asks for it; otherwise a cluster must already be up. A cluster
+    these tests started is stopped after them; one that was running before is left running."""
+    if slurm_answers():
+        yield
+        return
     if os.environ.get("DSV3_START_SLURM") == "1":
         result = subprocess.run(["bash", str(ROOT / "tests" / "start_slurm.sh")], capture_output=True,
                                 text=True, timeout=900)
         if result.returncode == 0:
+            try:
+                yield
+            finally:
+                subprocess.run(["bash", str(ROOT / "tests" / "start_slurm.sh"), "down"], timeout=120)
             return
         reason = f"no SLURM cluster here: {result.stderr.strip() or result.stdout.strip()}"
-    elif slurm_answers():
-        return
     else:
         reason = ("no SLURM cluster answers sinfo; set DSV3_START_SLURM=1 to let tests/start_slurm.sh "
                   "install (apt-get, as root) and start a one-node cluster on this machine")
