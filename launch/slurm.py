@@ -23,8 +23,8 @@ from pathlib import Path
 
 from dsv3.parallel.config import ParallelConfig
 from dsv3.parallel.mesh import Layout, resolve_layout
+from dsv3.train.config import ClusterConfig
 
-from .config import ClusterConfig
 
 TEMPLATE = """#!/bin/bash
 {sbatch}
