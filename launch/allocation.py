@@ -17,7 +17,7 @@ import sys
 
 
 class AllocationMismatch(ValueError):
-    pass
+    """The allocation SLURM gave is not the one the job was rendered for."""
 
 
 def expand_counts(value: str) -> list[int]:

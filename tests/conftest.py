@@ -22,3 +22,28 @@ def build(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
     model.to_empty(device="cpu")
     model.init_weights(seed)
     return model.to(dtype)
+
+
+def slurm_test_cluster(answers, start: list[str], stop: list[str], not_here: str):
+    """A generator for a module fixture: a SLURM test cluster that `answers()` is used as it is and
+    left up; otherwise, only when DSV3_START_SLURM=1 asks for it (root: it installs and configures),
+    `start` builds one, which `stop` removes after the module. Without one the tests skip with
+    `not_here` as the reason (fail, with DSV3_REQUIRE_SLURM=1, as in CI)."""
+    import os
+    import subprocess
+
+    if answers():
+        yield
+        return
+    if os.environ.get("DSV3_START_SLURM") == "1":
+        result = subprocess.run(start, capture_output=True, text=True, timeout=900)
+        if result.returncode == 0:
+            try:
+                yield
+            finally:
+                subprocess.run(stop, capture_output=True, text=True, timeout=120)
+            return
+        not_here = f"could not start it: {result.stderr.strip() or result.stdout.strip()}"
+    if os.environ.get("DSV3_REQUIRE_SLURM") == "1":
+        pytest.fail(not_here)
+    pytest.skip(not_here)

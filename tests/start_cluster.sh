@@ -135,19 +135,8 @@ for ns in "$CTL" $(seq -f 'dsv3n%g' "$nodes"); do
   echo "$ns" > "/etc/netns/$ns/hostname"
 done
 
-cat > "$CONF" <<CONF
-ClusterName=dsv3nodes
-SlurmctldHost=${CTL}(${NET}.1)
-SlurmUser=root
-AuthType=auth/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-ReturnToService=2
-JobRequeue=1
-MpiDefault=none
+# Settings both test clusters share, then this one's own.
+{ printf '%s\n' "ClusterName=dsv3nodes" "SlurmctldHost=${CTL}(${NET}.1)"; cat "$(dirname "$0")/slurm_common.conf"; cat <<CONF
 SlurmdTimeout=30
 StateSaveLocation=$DIR/ctld
 SlurmdSpoolDir=$DIR/%n/spool
@@ -158,6 +147,7 @@ SlurmdLogFile=$DIR/%n/slurmd.log
 ${node_lines}
 PartitionName=debug Nodes=dsv3n[1-${nodes}] Default=YES MaxTime=INFINITE State=UP
 CONF
+} > "$CONF"
 
 # munge: one key and one munged for every node (its socket is a file, seen from every namespace).
 if [ ! -s /etc/munge/munge.key ]; then

@@ -36,19 +36,8 @@ host=$(hostname -s)
 cpus=$(nproc)
 memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512 ))
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
-cat > /etc/slurm/slurm.conf <<CONF
-ClusterName=dsv3
-SlurmctldHost=${host}
-SlurmUser=root
-AuthType=auth/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-ReturnToService=2
-JobRequeue=1
-MpiDefault=none
+# Settings both test clusters share, then this one's own.
+{ printf '%s\n' "ClusterName=dsv3" "SlurmctldHost=${host}"; cat "$(dirname "$0")/slurm_common.conf"; cat <<CONF
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=/run/slurmctld.pid
@@ -58,6 +47,7 @@ SlurmdLogFile=/var/log/slurm/slurmd.log
 NodeName=${host} CPUs=${cpus} RealMemory=${memory} State=UNKNOWN
 PartitionName=debug Nodes=${host} Default=YES MaxTime=INFINITE State=UP
 CONF
+} > /etc/slurm/slurm.conf
 
 if [ ! -s /etc/munge/munge.key ]; then
   mkdir -p /etc/munge

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import slurm_test_cluster
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ["data=synthetic", "cluster.procs_per_node=2", "train.wandb.mode=disabled", "train.eval_every=0",
        "train.global_batch_size=8", "train.micro_batch_size=2", "train.checkpoint_every=10"]
@@ -37,29 +39,11 @@ def slurm_answers() -> bool:
 
 @pytest.fixture(scope="module")
 def slurm():
-    """A SLURM cluster to submit to. start_slurm.sh installs packages and writes /etc/slurm, so it
-    runs only when DSV3_START_SLURM=1 asks for it; otherwise a cluster must already be up. A cluster
-    these tests started is stopped after them; one that was running before is left running."""
-    if slurm_answers():
-        yield
-        return
-    if os.environ.get("DSV3_START_SLURM") == "1":
-        result = subprocess.run(["bash", str(ROOT / "tests" / "start_slurm.sh")], capture_output=True,
-                                text=True, timeout=900)
-        if result.returncode == 0:
-            try:
-                yield
-            finally:
-                subprocess.run(["bash", str(ROOT / "tests" / "start_slurm.sh"), "down"], timeout=120)
-            return
-        reason = f"no SLURM cluster here: {result.stderr.strip() or result.stdout.strip()}"
-    else:
-        reason = ("no SLURM cluster answers sinfo; set DSV3_START_SLURM=1 to let tests/start_slurm.sh "
-                  "install (apt-get, as root) and start a one-node cluster on this machine")
-    if os.environ.get("DSV3_REQUIRE_SLURM") == "1":
-        pytest.fail(reason)
-    print(reason)
-    pytest.skip(reason)
+    """A SLURM cluster to submit to: one already up, or the one-node cluster of start_slurm.sh."""
+    script = ["bash", str(ROOT / "tests" / "start_slurm.sh")]
+    yield from slurm_test_cluster(slurm_answers, script, [*script, "down"],
+                            "no SLURM cluster answers sinfo; set DSV3_START_SLURM=1 to let tests/start_slurm.sh "
+                            "install (apt-get, as root) and start a one-node cluster on this machine")
 
 
 def job_state(job: str) -> dict:

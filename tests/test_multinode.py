@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import slurm_test_cluster
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "start_cluster.sh"
 CONF = Path(os.environ.get("DSV3_CLUSTER_DIR", "/run/dsv3-cluster")) / "slurm.conf"
@@ -57,26 +59,13 @@ def idle_nodes() -> int:
 
 @pytest.fixture(scope="module")
 def cluster():
-    if CONF.exists() and idle_nodes() >= 2:
-        yield CONF  # someone else's cluster: used, left up
-        return
-    if os.environ.get("DSV3_START_SLURM") == "1":
-        started = time.time()
-        result = subprocess.run(["bash", str(SCRIPT), "up", "2"], capture_output=True, text=True, timeout=900)
-        if result.returncode == 0:
-            print(f"two-node cluster up in {time.time() - started:.1f} s")
-            try:
-                yield CONF
-            finally:
-                subprocess.run(["bash", str(SCRIPT), "down"], capture_output=True, text=True, timeout=120)
-            return
-        reason = f"no two-node SLURM cluster here: {result.stderr.strip() or result.stdout.strip()}"
-    else:
-        reason = ("no two-node SLURM cluster answers; set DSV3_START_SLURM=1 to let tests/start_cluster.sh "
-                  "build one on this machine (root: network namespaces; apt-get if SLURM is missing)")
-    if os.environ.get("DSV3_REQUIRE_SLURM") == "1":
-        pytest.fail(reason)
-    pytest.skip(reason)
+    """The two-node cluster: one already up (used, left up), or built by start_cluster.sh."""
+    started = time.time()
+    yield from slurm_test_cluster(lambda: CONF.exists() and idle_nodes() >= 2, ["bash", str(SCRIPT), "up", "2"],
+                            ["bash", str(SCRIPT), "down"],
+                            "no two-node SLURM cluster answers; set DSV3_START_SLURM=1 to let tests/start_cluster.sh "
+                            "build one on this machine (root: network namespaces; apt-get if SLURM is missing)")
+    print(f"two-node cluster used for {time.time() - started:.1f} s")
 
 
 def submit(*overrides: str) -> tuple[str, float]:
