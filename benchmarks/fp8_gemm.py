@@ -6,17 +6,16 @@
    pre-quantised operands (quantisation excluded); FP8 with the activation and weight quantised in
    the timed region (included).
 2. FP8Linear forward + backward against nn.Linear in BF16 autocast, same shapes.
-3. Routed experts at `small`'s and `v3_671b`'s shapes, rows spread evenly: our grouped FP8 GEMM
-   (Triton) against `torch._grouped_mm` in BF16, the up-projection alone on pre-quantised operands,
-   and the whole experts' forward + backward (FP8: all quantisation and the SwiGLU kernels included).
+3. Routed experts at `small`'s and `v3_671b`'s shapes, rows spread evenly: the whole experts'
+   forward + backward, grouped FP8 (all quantisation and the SwiGLU kernels included) against
+   `torch._grouped_mm` in BF16 (benchmarks/grouped_fp8.py times each GEMM on its own).
 Times are medians of CUDA-event timings after warm-up.
 
     python benchmarks/fp8_gemm.py --smoke   (tiny shapes on the CPU, seconds)
 
 The smoke run goes through the same functions on the CPU: the torch reference quantisation
 (`quant.py`, what `linear.py` uses off the GPU) and the exact GEMM emulation of `gemm.py` and
-`grouped.py`, in FP32 compute as the trainer runs on the CPU (no autocast); torch._grouped_mm in
-BF16 needs a Hopper GPU, so that one figure is skipped (null).
+`grouped.py`, in FP32 compute as the trainer runs on the CPU (no autocast).
 """
 import argparse
 import json
@@ -24,10 +23,8 @@ import json
 import torch
 
 from dsv3.fp8.gemm import gemm
-from dsv3.fp8.grouped import grouped_gemm
-from dsv3.fp8.groups import Groups
-from dsv3.fp8.linear import FP8LinearFunction, FP8RoutedExperts, _ops, quantize_expert_weights
-from dsv3.model.moe import RoutedExperts, grouped_mm_supported
+from dsv3.fp8.linear import FP8LinearFunction, FP8RoutedExperts, _ops
+from dsv3.model.moe import RoutedExperts
 from model_step import autocast, median_ms  # benchmarks/ is on sys.path when run as a script
 
 
@@ -123,31 +120,13 @@ def dense_cases(device: torch.device, shapes: dict, repeat: int) -> None:
 
 
 def experts_case(name: str, shape: tuple[int, int, int, int], device: torch.device, repeat: int) -> None:
-    """The grouped up-projection GEMM alone (x @ [W1 | W3], pre-quantised) and the whole experts'
-    forward + backward: our grouped FP8 against torch._grouped_mm in BF16 (RoutedExperts' own
-    path: torch._grouped_mm on Hopper, its loop over experts elsewhere)."""
-    ops = _ops(device)
-    repeat_module = max(repeat // 2, 1)
+    """The whole routed experts' forward + backward: grouped FP8 (every quantisation and the SwiGLU
+    kernels included) against RoutedExperts' own BF16 path (torch._grouped_mm on Hopper, its loop
+    over experts elsewhere). benchmarks/grouped_fp8.py times the GEMMs one by one."""
     n_experts, per_expert, dim, inter = shape
     rows = n_experts * per_expert
     counts = torch.full((n_experts,), per_expert, device=device)
-    offsets = counts.cumsum(0).to(torch.int32)
     x = torch.randn(rows, dim, device=device, dtype=torch.bfloat16)
-    w13 = torch.randn(n_experts, dim, 2 * inter, device=device) * 0.02
-    w13_16 = w13.bfloat16()
-    x_q, x_s = ops.quantize_tiles(x)
-    w_q, w_s = quantize_expert_weights(ops, w13, False)
-    b_q, b_s = w_q.transpose(1, 2).contiguous(), w_s.transpose(1, 2).contiguous()
-    groups = Groups.of(counts, rows)
-    gemm_bf16 = None  # torch._grouped_mm has no kernel here: skipped
-    if grouped_mm_supported(x):
-        gemm_bf16 = timed(lambda: torch._grouped_mm(x, w13_16, offs=offsets), repeat, device)
-    else:
-        print(f"# {name}: torch._grouped_mm BF16 skipped, it needs a CUDA GPU of compute capability 9.0+",
-              flush=True)
-    gemm_fp8 = timed(lambda: grouped_gemm(x_q, x_s, b_q, b_s, groups, torch.bfloat16), repeat, device)
-    gemm_flop = 2 * rows * dim * 2 * inter
-
     module_bf16 = RoutedExperts(n_experts, dim, inter, 0.006).to(device)
     module_bf16.reset_parameters(seed=0)
     module_fp8 = RoutedExperts(n_experts, dim, inter, 0.006).to(device)
@@ -162,14 +141,14 @@ def experts_case(name: str, shape: tuple[int, int, int, int], device: torch.devi
                 out = module(xr, counts)
             out.backward(dy)
         return step
+    repeat_module = max(repeat // 2, 1)
     flop = 3 * 2 * rows * dim * inter * 3  # three GEMMs, forward + two backward each
     t_bf16, t_fp8 = timed(run(module_bf16), repeat_module, device), timed(run(module_fp8), repeat_module, device)
     print(json.dumps({"experts": name, "n_experts": n_experts, "rows": rows, "dim": dim, "inter": inter,
-                      "up_gemm_bf16_tflops": tflops(gemm_flop, gemm_bf16),
-                      "up_gemm_fp8_tflops": tflops(gemm_flop, gemm_fp8),
                       "fwd_bwd_bf16_ms": round(t_bf16 * 1e3, 2), "fwd_bwd_fp8_ms": round(t_fp8 * 1e3, 2),
                       "fwd_bwd_bf16_tflops": tflops(flop, t_bf16),
                       "fwd_bwd_fp8_tflops": tflops(flop, t_fp8)}), flush=True)
+
 
 if __name__ == "__main__":
     main()

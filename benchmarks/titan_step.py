@@ -58,10 +58,12 @@ CONFIGS = {  # name: dsv3 recipe overrides
     "v2_lite_4l": ["model=v2_lite_16b", "model.n_layers=4", "model.mtp_depth=0"],
     "small_mtp": ["model=small"],  # MTP D=1, the recipe's
     "v2_lite_4l_fp8": ["model=v2_lite_16b", "model.n_layers=4", "model.mtp_depth=0", "precision=fp8"],
+    "small_fp8": ["model=small", "model.mtp_depth=0", "precision=fp8"],
 }
 DSV3_ONLY = {  # configs that only dsv3 runs, and why
     "small_mtp": "torchtitan has no multi-token prediction",
     "v2_lite_4l_fp8": "FP8 compares with dsv3's BF16 row",
+    "small_fp8": "FP8 compares with dsv3's BF16 row",
 }
 SMOKE_CONFIGS = {"tiny": ["model=tiny", "model.mtp_depth=0"]}
 SYSTEMS = ["dsv3 eager", "dsv3 compiled", "torchtitan eager", "torchtitan compiled"]
@@ -216,6 +218,11 @@ def count_one_step(step) -> dict:
     if os.environ.get("TITAN_STEP_TRACE"):  # a file name: the profiled step's timeline, for chrome://tracing
         prof.export_chrome_trace(os.environ["TITAN_STEP_TRACE"])
     gpu_ops = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = {}
+    for e in gpu_ops:
+        total, calls = kernels.get(e.name, (0.0, 0))
+        kernels[e.name] = (total + e.time_range.elapsed_us() / 1e3, calls + 1)
+    top = sorted(kernels.items(), key=lambda item: -item[1][0])[:int(os.environ.get("TITAN_STEP_KERNELS", "0"))]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -224,7 +231,9 @@ def count_one_step(step) -> dict:
         finally:
             torch.cuda.set_sync_debug_mode(0)
     syncs = sum("synchronizing" in str(w.message) for w in caught)
-    return {"gpu_ops": len(gpu_ops), "gpu_busy_ms": sum(e.time_range.elapsed_us() for e in gpu_ops) / 1e3, "host_syncs": syncs}
+    return {"gpu_ops": len(gpu_ops), "gpu_busy_ms": sum(e.time_range.elapsed_us() for e in gpu_ops) / 1e3,
+            "host_syncs": syncs, **({"top_kernels": [[name[:90], round(ms, 3), calls] for name, (ms, calls) in top]}
+                                    if top else {})}
 
 
 def run_dsv3(cfg: Config, compiled: bool, args) -> dict:
@@ -282,7 +291,7 @@ def launch(args, config: str, system: str) -> dict:
                "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--compile-backend", args.compile_backend, "--dsv3-compile", args.dsv3_compile,
                *(["--smoke"] if args.smoke else [])]
-    env = dict(os.environ)
+    env = {**os.environ, "TITAN_STEP_KERNELS": str(args.kernels)}
     if args.trace and os.environ.get("OUT"):
         env["TITAN_STEP_TRACE"] = str(Path(os.environ["OUT"]) / f"trace_{config}_{system.replace(' ', '_')}.json")
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -307,6 +316,8 @@ def main() -> None:
                         help="harness: block.compile() on each layer here; trainer: train.compile=on")
     parser.add_argument("--smoke", action="store_true", help="dsv3 only, the tiny recipe on the CPU, seconds")
     parser.add_argument("--trace", action="store_true", help="write each profiled step's timeline under $OUT")
+    parser.add_argument("--kernels", type=int, default=0,
+                        help="list the N GPU operations of the profiled step with the most time (in the JSON)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -13,7 +13,8 @@ and the tiles past the real ones are empty.
     grouped_gemm   a (rows, K) 1x128 tiles @ b[e] (N, K) 128x128 blocks, transposed -> (rows, N)
                    Fprop and Dgrad of every expert at once
     grouped_wgrad  a^T (N, P) @ b^T (K, P) over each expert's own token tiles -> (E, N, K) FP32
-                   Wgrad; P runs over the experts' tiles, each expert's rows padded to whole tiles
+                   Wgrad; P runs over the experts' tiles, each expert's rows padded to whole tiles;
+                   the K columns may be two weights' ([W1 | W3]), returned as two tensors
 
 Off the GPU (or before FP8 tensor cores, compute capability 8.9) both run the exact emulation of
 `gemm.emulate`, expert by expert; tests compare the two.
@@ -24,7 +25,7 @@ import torch
 
 from .gemm import emulate
 from .groups import Groups
-from .quant import TILE
+from .quant import TILE, padded
 
 
 def triton_supported(t: torch.Tensor) -> bool:
@@ -48,22 +49,25 @@ def emulate_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, groups: Groups) -> tor
 
 
 def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, groups: Groups,
-                 out_dtype: torch.dtype) -> torch.Tensor:
+                 out_dtype: torch.dtype, n_out: int | None = None) -> torch.Tensor:
     """a (rows, K) E4M3 with scales (rows, K/128), sorted by expert; b (E, N, K) E4M3 with 128x128
     block scales (E, N/128, K/128); N and K multiples of 128. Row r of the result is a[r] @ b[e]^T
-    for its expert e."""
+    for its expert e, its first n_out (default N) columns."""
     if not triton_supported(a):
-        return emulate_grouped_gemm(a, a_scale, b, b_scale, groups, out_dtype)
+        return emulate_grouped_gemm(a, a_scale, b, b_scale, groups, out_dtype)[:, :n_out]
     from .kernels import launch_grouped_gemm
-    return launch_grouped_gemm(a, a_scale, b, b_scale, groups, out_dtype)
+    return launch_grouped_gemm(a, a_scale, b, b_scale, groups, out_dtype, n_out)
 
 
 def grouped_wgrad(a_t: torch.Tensor, a_t_scale: torch.Tensor, b_t: torch.Tensor, b_t_scale: torch.Tensor,
-                  groups: Groups) -> torch.Tensor:
+                  groups: Groups, n_out: int, widths: tuple[int, ...]) -> list[torch.Tensor]:
     """For each expert e, a_e^T @ b_e in FP32: a_t (N, P) and b_t (K, P) are the 1x128-tile
     quantisations of a^T and b^T along each expert's own token tiles (`quantize_tiles_transposed`
-    with `groups`). Returns (E, N, K)."""
+    with `groups`). b's K rows are one or two weights' columns side by side, each padded to 128
+    (`widths` gives their real widths): returns one (E, n_out, width) tensor per width."""
     if not triton_supported(a_t):
-        return emulate_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, groups)
+        out = emulate_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, groups)[:, :n_out]
+        starts = [0, padded(widths[0])][:len(widths)]
+        return [out[:, :, start:start + width] for start, width in zip(starts, widths)]
     from .kernels import launch_grouped_wgrad
-    return launch_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, groups)
+    return launch_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, groups, n_out, widths)

@@ -15,9 +15,12 @@ torch's for about 2% of elements (tests allow one E4M3 step there and demand equ
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .groups import Groups
 from .quant import E4M3, TILE, padded
@@ -79,6 +82,43 @@ def _blocks_kernel(w_ptr, q_ptr, s_ptr, n, k, k_pad, POW2: tl.constexpr, BLOCK: 
     scale = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
     tl.store(q_ptr + r[:, None] * k_pad + c[None, :], tl.math.div_rn(w, scale).to(q_ptr.dtype.element_ty))
     tl.store(s_ptr + bn * (k_pad // BLOCK) + bk, scale)
+
+
+@triton.jit
+def _expert_blocks_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, rows, cols, rows_pad, out_cols, col_offset,
+                          POW2: tl.constexpr, BLOCK: tl.constexpr):
+    """Block (i, j) of expert e's w (rows, cols) -> q[e] (rows_pad, out_cols) from column col_offset
+    on, its transpose q_t[e] (out_cols, rows_pad) from row col_offset on, and its scale."""
+    e = tl.program_id(2).to(tl.int64)
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + e * rows * cols + r[:, None] * cols + c[None, :], mask=(r[:, None] < rows) & (c[None, :] < cols),
+                other=0.0).to(tl.float32)
+    scale = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
+    q = tl.math.div_rn(w, scale).to(q_ptr.dtype.element_ty)
+    out_c = col_offset + c
+    tl.store(q_ptr + e * rows_pad * out_cols + r[:, None] * out_cols + out_c[None, :], q)
+    tl.store(qt_ptr + e * out_cols * rows_pad + out_c[None, :] * rows_pad + r[:, None], q)
+    blocks = out_cols // BLOCK
+    tl.store(s_ptr + (e * (rows_pad // BLOCK) + tl.program_id(0)) * blocks + col_offset // BLOCK + tl.program_id(1), scale)
+
+
+def quantize_expert_blocks(weights: list[torch.Tensor], power_of_two: bool = False):
+    """See quant.quantize_expert_blocks (the reference): one pass over each weight writes its blocks
+    in both orientations, the forward's and the backward's."""
+    n_experts, rows = weights[0].shape[:2]
+    rows_pad, out_cols = padded(rows), sum(padded(w.shape[2]) for w in weights)
+    device = weights[0].device
+    q = torch.empty((n_experts, rows_pad, out_cols), dtype=E4M3, device=device)
+    q_t = torch.empty((n_experts, out_cols, rows_pad), dtype=E4M3, device=device)
+    s = torch.empty((n_experts, rows_pad // TILE, out_cols // TILE), dtype=torch.float32, device=device)
+    offset = 0
+    for w in weights:
+        cols = w.shape[2]
+        _expert_blocks_kernel[(rows_pad // TILE, padded(cols) // TILE, n_experts)](
+            w.contiguous(), q, q_t, s, rows, cols, rows_pad, out_cols, offset, POW2=power_of_two, BLOCK=TILE)
+        offset += padded(cols)
+    return q, s, q_t, s.transpose(1, 2).contiguous()
 
 
 def quantize_tiles(x: torch.Tensor, power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,92 +251,128 @@ def swiglu_backward(cache: torch.Tensor, cache_scale: torch.Tensor, dh: torch.Te
 
 
 @triton.jit
-def _grouped_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, expert_ptr, start_ptr, end_ptr, n, k,
-                         BLOCK_N: tl.constexpr, TILE_K: tl.constexpr):
-    """One 128-row tile of one expert times BLOCK_N columns of that expert's weight."""
-    tile = tl.program_id(0)
+def _grouped_gemm_kernel(a_desc, a_scale_ptr, b_desc, b_scale_ptr, c_ptr, expert_ptr, start_ptr, end_ptr, n_tiles,
+                         n, n_out, k, BLOCK_N: tl.constexpr, TILE_K: tl.constexpr, GROUP_TILES: tl.constexpr):
+    """One 128-row tile of one expert times BLOCK_N columns of that expert's weight. Both operands
+    arrive by TMA (rows past the tile's expert are loaded and never stored); programs go through
+    GROUP_TILES row tiles for each column block so that the weight block they share stays in L2."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(n, BLOCK_N)
+    per_group = GROUP_TILES * n_blocks
+    first = (pid // per_group) * GROUP_TILES
+    group_size = tl.minimum(n_tiles - first, GROUP_TILES)
+    tile = first + (pid % per_group) % group_size
+    col_block = (pid % per_group) // group_size
     start = tl.load(start_ptr + tile)
     end = tl.load(end_ptr + tile)
     if start >= end:
         return
-    expert = tl.load(expert_ptr + tile).to(tl.int64)
+    expert = tl.load(expert_ptr + tile)
     k_tiles = k // TILE_K
     rows = start.to(tl.int64) + tl.arange(0, TILE_K)
     row_mask = rows < end
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    kk = tl.arange(0, TILE_K)
-    a_ptrs = a_ptr + rows[:, None] * k + kk[None, :]
-    b_ptrs = b_ptr + expert * n * k + cols[:, None] * k + kk[None, :]
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    b_row = expert * n + col_block * BLOCK_N
     a_scale_ptrs = a_scale_ptr + rows * k_tiles
-    b_scale_ptrs = b_scale_ptr + (expert * (n // TILE_K) + cols // TILE_K) * k_tiles
+    b_scale_ptrs = b_scale_ptr + (expert.to(tl.int64) * (n // TILE_K) + cols // TILE_K) * k_tiles
     acc = tl.zeros((TILE_K, BLOCK_N), dtype=tl.float32)
     for kt in range(k_tiles):
-        a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
-        b = tl.load(b_ptrs)
+        a = a_desc.load([start, kt * TILE_K])
+        b = b_desc.load([b_row, kt * TILE_K])
         a_scale = tl.load(a_scale_ptrs + kt, mask=row_mask, other=0.0)
         b_scale = tl.load(b_scale_ptrs + kt)
         # one K group: E4M3 products on the tensor cores, promoted to FP32 with both scales
-        acc += tl.dot(a, tl.trans(b)) * a_scale[:, None] * b_scale[None, :]
-        a_ptrs += TILE_K
-        b_ptrs += TILE_K
-    tl.store(c_ptr + rows[:, None] * n + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None])
+        acc += tl.dot(a, b.T) * a_scale[:, None] * b_scale[None, :]
+    out = c_ptr + rows[:, None] * n_out + cols[None, :]
+    tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols[None, :] < n_out))
 
 
 @triton.jit
-def _grouped_wgrad_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, first_tile_ptr, n, k, width,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_T: tl.constexpr):
+def _grouped_wgrad_kernel(a_desc, a_scale_ptr, b_desc, b_scale_ptr, c1_ptr, c2_ptr, first_tile_ptr, n, n_out, k,
+                          split, k1_out, k2_out, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_T: tl.constexpr):
     """(BLOCK_N, BLOCK_K) of expert e's a_e^T @ b_e, summing over the expert's own token tiles.
+    Columns [0, split) of the product go to c1 (E, n_out, k1_out), the rest to c2 (E, n_out, k2_out):
+    the gradients of two weights computed as one ([W1 | W3]) land in their own tensors.
     Scales are token-tile-major (tile, channel), as quantize_tiles_transposed writes them."""
-    expert = tl.program_id(0).to(tl.int64)
+    n_blocks = tl.cdiv(n, BLOCK_N)
     k_blocks = tl.cdiv(k, BLOCK_K)
-    rn = (tl.program_id(1) // k_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = (tl.program_id(1) % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-    t = tl.arange(0, TILE_T)
+    pid = tl.program_id(0)
+    expert = pid // (n_blocks * k_blocks)
+    block = pid % (n_blocks * k_blocks)
+    n0 = (block // k_blocks) * BLOCK_N
+    k0 = (block % k_blocks) * BLOCK_K
+    rn = n0 + tl.arange(0, BLOCK_N)
+    rk = k0 + tl.arange(0, BLOCK_K)
     first = tl.load(first_tile_ptr + expert)
     last = tl.load(first_tile_ptr + expert + 1)
-    a_ptrs = a_ptr + rn[:, None].to(tl.int64) * width + first * TILE_T + t[None, :]
-    b_ptrs = b_ptr + rk[:, None].to(tl.int64) * width + first * TILE_T + t[None, :]
-    a_scale_ptrs = a_scale_ptr + first * n + rn
-    b_scale_ptrs = b_scale_ptr + first * k + rk
+    a_scale_ptrs = a_scale_ptr + first.to(tl.int64) * n + rn
+    b_scale_ptrs = b_scale_ptr + first.to(tl.int64) * k + rk
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for _ in range(first, last):
-        a = tl.load(a_ptrs, mask=rn[:, None] < n, other=0.0)
-        b = tl.load(b_ptrs, mask=rk[:, None] < k, other=0.0)
+    for t in range(first, last):
+        a = a_desc.load([n0, t * TILE_T])
+        b = b_desc.load([k0, t * TILE_T])
         a_scale = tl.load(a_scale_ptrs, mask=rn < n, other=0.0)
         b_scale = tl.load(b_scale_ptrs, mask=rk < k, other=0.0)
-        acc += tl.dot(a, tl.trans(b)) * a_scale[:, None] * b_scale[None, :]
-        a_ptrs += TILE_T
-        b_ptrs += TILE_T
+        acc += tl.dot(a, b.T) * a_scale[:, None] * b_scale[None, :]
         a_scale_ptrs += n
         b_scale_ptrs += k
-    mask = (rn[:, None] < n) & (rk[None, :] < k)
-    tl.store(c_ptr + expert * n * k + rn[:, None] * k + rk[None, :], acc, mask=mask)
+    expert = expert.to(tl.int64)
+    if k0 < split:
+        out = c1_ptr + expert * n_out * k1_out + rn[:, None] * k1_out + rk[None, :]
+        tl.store(out, acc, mask=(rn[:, None] < n_out) & (rk[None, :] < k1_out))
+    else:
+        rk2 = rk - split
+        out = c2_ptr + expert * n_out * k2_out + rn[:, None] * k2_out + rk2[None, :]
+        tl.store(out, acc, mask=(rn[:, None] < n_out) & (rk2[None, :] < k2_out))
 
 
-GEMM_BLOCK_N = 128
-GEMM_WARPS, GEMM_STAGES = 8, 4  # the best of a sweep on an H100 (benchmarks/RESULTS.md)
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tiles and pipelining of the grouped GEMMs: 128 rows (one scale tile) by block_n columns,
+    128-wide K steps, `stages` of them in flight."""
+    block_n: int = 128
+    warps: int = 8
+    stages: int = 4
+    group_tiles: int = 8
 
 
-def launch_grouped_gemm(a, a_scale, b, b_scale, groups: Groups, out_dtype: torch.dtype) -> torch.Tensor:
+GEMM = GemmConfig()
+
+
+def launch_grouped_gemm(a, a_scale, b, b_scale, groups: Groups, out_dtype: torch.dtype, n_out: int | None = None,
+                        config: GemmConfig = GEMM) -> torch.Tensor:
+    """a (rows, K) E4M3 with 1x128 scales; b (E, N, K) E4M3 with 128x128 block scales -> (rows, n_out)
+    (n_out <= N: the padded columns are not written)."""
     rows, k = a.shape
-    n = b.shape[1]
-    out = torch.empty((rows, n), dtype=out_dtype, device=a.device)
+    n_experts, n = b.shape[0], b.shape[1]
+    n_out = n if n_out is None else n_out
+    out = torch.empty((rows, n_out), dtype=out_dtype, device=a.device)
     if rows:
-        grid = (groups.n_tiles, triton.cdiv(n, GEMM_BLOCK_N))
-        _grouped_gemm_kernel[grid](a, a_scale, b.contiguous(), b_scale.contiguous(), out, groups.expert, groups.start,
-                                   groups.end, n, k, BLOCK_N=GEMM_BLOCK_N, TILE_K=TILE, num_warps=GEMM_WARPS,
-                                   num_stages=GEMM_STAGES)
+        b = b.contiguous().view(n_experts * n, k)
+        a_desc = TensorDescriptor.from_tensor(a, [TILE, TILE])
+        b_desc = TensorDescriptor.from_tensor(b, [config.block_n, TILE])
+        grid = (groups.n_tiles * triton.cdiv(n, config.block_n),)
+        _grouped_gemm_kernel[grid](a_desc, a_scale, b_desc, b_scale.contiguous(), out, groups.expert, groups.start,
+                                   groups.end, groups.n_tiles, n, n_out, k, BLOCK_N=config.block_n, TILE_K=TILE,
+                                   GROUP_TILES=config.group_tiles, num_warps=config.warps, num_stages=config.stages)
     return out
 
 
-def launch_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, groups: Groups) -> torch.Tensor:
+def launch_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, groups: Groups, n_out: int,
+                         widths: tuple[int, ...], config: GemmConfig = GEMM) -> list[torch.Tensor]:
+    """Per expert, a_e^T @ b_e in FP32, cut along its columns into len(widths) (one or two) tensors
+    (E, n_out, width): b_t's rows hold the widths one after the other, each padded to 128."""
     n, width = a_t.shape
     k = b_t.shape[0]
     n_experts = groups.counts.numel()
-    out = torch.empty((n_experts, n, k), dtype=torch.float32, device=a_t.device)
-    grid = (n_experts, triton.cdiv(n, TILE) * triton.cdiv(k, TILE))
+    outs = [torch.empty((n_experts, n_out, w), dtype=torch.float32, device=a_t.device) for w in widths]
+    split = padded(widths[0]) if len(widths) == 2 else k
+    a_desc = TensorDescriptor.from_tensor(a_t, [TILE, TILE])
+    b_desc = TensorDescriptor.from_tensor(b_t, [TILE, TILE])
     # the kernel reads scales token-tile-major: (tile, channel) contiguous, i.e. these (channel, tile) views
     a_t_scale, b_t_scale = a_t_scale.t().contiguous(), b_t_scale.t().contiguous()
-    _grouped_wgrad_kernel[grid](a_t, a_t_scale, b_t, b_t_scale, out, groups.first_tile, n, k, width,
-                                BLOCK_N=TILE, BLOCK_K=TILE, TILE_T=TILE, num_warps=GEMM_WARPS, num_stages=GEMM_STAGES)
-    return out
+    grid = (n_experts * triton.cdiv(n, TILE) * triton.cdiv(k, TILE),)
+    _grouped_wgrad_kernel[grid](a_desc, a_t_scale, b_desc, b_t_scale, outs[0], outs[-1], groups.first_tile, n, n_out,
+                                k, split, widths[0], widths[-1], BLOCK_N=TILE, BLOCK_K=TILE, TILE_T=TILE,
+                                num_warps=config.warps, num_stages=config.stages)
+    return outs

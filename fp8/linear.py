@@ -71,14 +71,6 @@ class FP8Linear(nn.Linear):
         return FP8LinearFunction.apply(x, self.weight, compute_dtype(x), self.power_of_two)
 
 
-def quantize_expert_weights(ops, w: torch.Tensor, power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E, R, C) weights -> E4M3 (E, R, C padded to 128) and 128x128 block scales (E, R/128, C/128)."""
-    e, r, c = w.shape
-    w = F.pad(w, (0, quant.padded(c) - c, 0, quant.padded(r) - r))
-    q, s = ops.quantize_blocks(w.flatten(0, 1), power_of_two)
-    return q.view(e, *w.shape[1:]), s.view(e, w.shape[1] // quant.TILE, -1)
-
-
 class FP8ExpertsFunction(torch.autograd.Function):
     """All routed experts' SwiGLU MLPs, y_e = (silu(x_e W1_e) * x_e W3_e) W2_e, in grouped FP8 GEMMs.
 
@@ -93,33 +85,30 @@ class FP8ExpertsFunction(torch.autograd.Function):
         dim, inter = w1.shape[1], w1.shape[2]
         groups = Groups.of(counts, x.shape[0])
         x_q, x_s = ops.quantize_tiles(x, power_of_two)
-        (q1, s1), (q3, s3) = quantize_expert_weights(ops, w1, power_of_two), quantize_expert_weights(ops, w3, power_of_two)
-        w13_q, w13_s = torch.cat([q1, q3], dim=2), torch.cat([s1, s3], dim=2)  # (E, dim, 2 * inter), padded
-        w2_q, w2_s = quantize_expert_weights(ops, w2, power_of_two)  # (E, inter, dim), padded
-        gu = grouped_gemm(x_q, x_s, w13_q.transpose(1, 2), w13_s.transpose(1, 2), groups, out_dtype)
+        w13_q, w13_s, w13_qt, w13_st = ops.quantize_expert_blocks([w1, w3], power_of_two)  # (E, dim, 2 * inter)
+        w2_q, w2_s, w2_qt, w2_st = ops.quantize_expert_blocks([w2], power_of_two)  # (E, inter, dim), padded
+        gu = grouped_gemm(x_q, x_s, w13_qt, w13_st, groups, out_dtype)
         h_q, h_s, gu_q, gu_s = ops.swiglu_quantize(gu, power_of_two)
-        y = grouped_gemm(h_q, h_s, w2_q.transpose(1, 2), w2_s.transpose(1, 2), groups, out_dtype)
+        y = grouped_gemm(h_q, h_s, w2_qt, w2_st, groups, out_dtype, n_out=dim)
         ctx.save_for_backward(x_q, x_s, gu_q, gu_s, w13_q, w13_s, w2_q, w2_s)
         ctx.groups, ctx.meta = groups, (dim, inter, x.dtype, out_dtype, power_of_two)
-        return y[:, :dim]
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         x_q, x_s, gu_q, gu_s, w13_q, w13_s, w2_q, w2_s = ctx.saved_tensors
         groups, (dim, inter, x_dtype, out_dtype, power_of_two) = ctx.groups, ctx.meta
         ops = _ops(dy.device)
-        inter_pad = w2_q.shape[1]
         dy_q, dy_s = ops.quantize_tiles(dy, power_of_two)
-        dh = grouped_gemm(dy_q, dy_s, w2_q, w2_s, groups, torch.float32)
+        dh = grouped_gemm(dy_q, dy_s, w2_q, w2_s, groups, out_dtype)
         h, dgu = ops.swiglu_backward(gu_q, gu_s, dh, out_dtype)
         dgu_q, dgu_s = ops.quantize_tiles(dgu, power_of_two)
-        dx = grouped_gemm(dgu_q, dgu_s, w13_q, w13_s, groups, torch.float32)[:, :dim]
-        dw2 = grouped_wgrad(*ops.quantize_tiles_transposed(h, power_of_two, groups),
-                            *ops.quantize_tiles_transposed(dy, power_of_two, groups), groups)
-        dw13 = grouped_wgrad(*ops.quantize_tiles_transposed(x_q, power_of_two, groups, x_scale=x_s),
-                             *ops.quantize_tiles_transposed(dgu, power_of_two, groups), groups)
-        dw1, dw3 = dw13[:, :dim, :inter], dw13[:, :dim, inter_pad:inter_pad + inter]
-        return dx.to(x_dtype), None, dw1, dw3, dw2[:, :inter], None, None
+        dx = grouped_gemm(dgu_q, dgu_s, w13_q, w13_s, groups, x_dtype, n_out=dim)
+        dw2, = grouped_wgrad(*ops.quantize_tiles_transposed(h, power_of_two, groups),
+                             *ops.quantize_tiles_transposed(dy, power_of_two, groups), groups, inter, (dim,))
+        dw1, dw3 = grouped_wgrad(*ops.quantize_tiles_transposed(x_q, power_of_two, groups, x_scale=x_s),
+                                 *ops.quantize_tiles_transposed(dgu, power_of_two, groups), groups, dim, (inter, inter))
+        return dx, None, dw1, dw3, dw2, None, None
 
 
 class FP8RoutedExperts(RoutedExperts):

@@ -57,6 +57,20 @@ def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, shape: tuple[int, in
     return blocks.flatten(2).flatten(0, 1)[:shape[0], :shape[1]]
 
 
+def quantize_expert_blocks(weights: list[torch.Tensor], power_of_two: bool = False):
+    """Expert weights (E, R, C_i) side by side along C -> E4M3 [w_1 | w_2 | ...] (E, R, sum C_i), each
+    padded to whole blocks, with its 128x128 block scales (E, R/128, C/128), and the transposes of
+    both: the forward's grouped GEMM reads the blocks of W^T, the backward's those of W."""
+    qs, scales = [], []
+    for w in weights:
+        e, r, c = w.shape
+        q, s = quantize_blocks(F.pad(w, (0, padded(c) - c, 0, padded(r) - r)).flatten(0, 1), power_of_two)
+        qs.append(q.view(e, padded(r), padded(c)))
+        scales.append(s.view(e, padded(r) // TILE, padded(c) // TILE))
+    q, s = torch.cat(qs, 2), torch.cat(scales, 2)
+    return q, s, q.transpose(1, 2).contiguous(), s.transpose(1, 2).contiguous()
+
+
 def quantize_tiles_transposed(x: torch.Tensor, power_of_two: bool = False, groups=None,
                               x_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """1x128 tiles of x^T (128x1 tiles of x), what weight gradients need. With `groups`

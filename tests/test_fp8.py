@@ -253,20 +253,32 @@ TRITON_CHECK = textwrap.dedent("""
         assert q.shape == (256, 128 * groups.n_tiles) and q[:, width:].float().abs().max() == 0
         torch.testing.assert_close(s[:, :width // 128], s_ref, rtol=1e-6, atol=0)
         assert_e4m3_close(q[:, :width], q_ref)
-    w = torch.randn(5 * 384, 256, generator=g) * 0.05
-    w_q, w_s = quant.quantize_blocks(w)
-    w_q, w_s = w_q.view(5, 384, 256), w_s.view(5, 3, 2)
-    out = kernels.launch_grouped_gemm(x_q, x_s, w_q, w_s, groups, torch.float32)
-    torch.testing.assert_close(out, grouped.emulate_grouped_gemm(x_q, x_s, w_q, w_s, groups, torch.float32),
-                               rtol=1e-5, atol=1e-5 * out.abs().max().item())
+    # expert weights in both orientations, two weights side by side (one not a multiple of 128 wide)
+    w1, w3 = torch.randn(5, 256, 384, generator=g) * 0.05, torch.randn(5, 256, 200, generator=g)
+    for got, want in zip(kernels.quantize_expert_blocks([w1, w3]), quant.quantize_expert_blocks([w1, w3])):
+        assert got.shape == want.shape, (got.shape, want.shape)
+        if got.dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        else:
+            assert_e4m3_close(got, want)
+    w_q, w_s, w_qt, w_st = quant.quantize_expert_blocks([torch.randn(5, 256, 384, generator=g) * 0.05])
+    for b, b_s, n_out in ((w_qt, w_st, 384), (w_q, w_s, 200)):  # Fprop's orientation; Dgrad's, columns cut
+        a_q, a_s = (x_q, x_s) if b.shape[2] == 256 else quant.quantize_tiles(torch.randn(335, 384, generator=g))
+        out = kernels.launch_grouped_gemm(a_q, a_s, b, b_s, groups, torch.float32, n_out)
+        reference = grouped.emulate_grouped_gemm(a_q, a_s, b, b_s, groups, torch.float32)[:, :n_out]
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
     a_t, a_s = quant.quantize_tiles_transposed(torch.randn(335, 384, generator=g), False, groups)
     b_t, b_s = quant.quantize_tiles_transposed(x, False, groups)
     room = lambda t, fill: torch.cat([t, t.new_full((t.shape[0], groups.n_tiles * 128 - t.shape[1]), fill)], 1)
-    out = kernels.launch_grouped_wgrad(room(a_t, 0), room(a_s.repeat_interleave(128, 1), 1)[:, ::128],
-                                       room(b_t, 0), room(b_s.repeat_interleave(128, 1), 1)[:, ::128], groups)
-    reference = grouped.emulate_grouped_wgrad(a_t, a_s, b_t, b_s, groups)
-    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
-    assert out[1].abs().max() == 0 and out[4].abs().max() == 0
+    full = grouped.emulate_grouped_wgrad(a_t, a_s, b_t, b_s, groups)
+    args = (room(a_t, 0), room(a_s.repeat_interleave(128, 1), 1)[:, ::128],
+            room(b_t, 0), room(b_s.repeat_interleave(128, 1), 1)[:, ::128], groups)
+    for n_out, widths, starts in ((384, (256,), (0,)), (300, (100, 120), (0, 128))):
+        outs = kernels.launch_grouped_wgrad(*args, n_out, widths)
+        for out, width, start in zip(outs, widths, starts):
+            reference = full[:, :n_out, start:start + width]
+            torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+            assert out[1].abs().max() == 0 and out[4].abs().max() == 0
     gu = torch.randn(335, 512, generator=g)
     h, h_s, cache, cache_s = kernels.swiglu_quantize(gu)
     h_ref, h_s_ref, cache_ref, cache_s_ref = quant.swiglu_quantize(gu)

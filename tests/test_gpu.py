@@ -75,6 +75,10 @@ def test_fp8_triton_kernels_equal_the_reference_on_gpu():
         for (q, s), (q_ref, s_ref) in pairs:
             torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
             assert torch.equal(q.float(), q_ref.float())
+        experts = [_fp8_data(3, 200, 384, seed=2).cuda(), _fp8_data(3, 200, 260, seed=3).cuda()]
+        for got, want in zip(kernels.quantize_expert_blocks(experts, power_of_two),
+                             quant.quantize_expert_blocks(experts, power_of_two)):
+            assert got.shape == want.shape and torch.equal(got.float(), want.float())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
