@@ -20,6 +20,10 @@ KEPT_IN_HIGH_PRECISION = ("head", "eh_proj")  # with the embedding, routers, nor
 class FP8Config:
     enabled: bool = False  # precision=fp8
     power_of_two_scales: bool = False  # round every scale up to a power of two
+    # A GEMM runs in FP8 only when its input and output widths are both at least this (routed
+    # experts: dim and moe_inter_dim); narrower ones stay in the compute dtype, where quantising
+    # costs more than the faster product saves (benchmarks/RESULTS.md, "FP8 by width"). 0: all.
+    min_width: int = 0
 
 
 class DispatchCodec:
@@ -47,15 +51,21 @@ def convert(model: nn.Module, cfg: FP8Config) -> list[str]:
     parameters, same names): every Linear of MLA, the dense MLPs and the shared experts, and the
     routed experts. The embedding, output head, MTP projection, routers and norms stay as they
     are, and attention's core is not a Linear. Expert-parallel dispatchers send FP8 (combine
-    stays in the compute dtype). Returns the names converted."""
+    stays in the compute dtype). GEMMs narrower than cfg.min_width are left as they are. Returns the
+    names converted."""
     converted = []
     for module in model.modules():
-        if isinstance(module, MoE) and hasattr(module.dispatcher, "codec"):
+        if (isinstance(module, MoE) and hasattr(module.dispatcher, "codec")
+                and min(module.experts.w2.shape[1:]) >= cfg.min_width):
             module.dispatcher.codec = DispatchCodec()
     for name, module in model.named_modules():
         if type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in KEPT_IN_HIGH_PRECISION:
+            if min(module.in_features, module.out_features) < cfg.min_width:
+                continue
             module.__class__ = FP8Linear
         elif type(module) is RoutedExperts:
+            if min(module.w2.shape[1:]) < cfg.min_width:
+                continue
             module.__class__ = FP8RoutedExperts
         else:
             continue

@@ -213,6 +213,20 @@ def test_convert_swaps_exactly_the_recipes_layers():
     assert not any(isinstance(m, FP8Linear) for m in model.layers["1"].ffn.router.modules())
 
 
+def test_convert_leaves_gemms_narrower_than_min_width():
+    cfg = ModelConfig(vocab_size=97, dim=32, inter_dim=48, moe_inter_dim=16, n_layers=2, n_dense_layers=1,
+                      n_heads=2, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, n_expert_groups=1,
+                      n_limited_groups=1, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                      v_head_dim=8, max_seq_len=16, mtp_depth=0)
+    model = Transformer(cfg)
+    widths = {n: min(m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names = set(convert(model, FP8Config(enabled=True, min_width=24)))
+    # the experts' narrow side is moe_inter_dim=16 < 24: they stay as they are, and so does the shared expert
+    assert "layers.1.ffn.experts" not in names and type(model.layers["1"].ffn.experts) is RoutedExperts
+    assert {n for n in names if n in widths} == {n for n, w in widths.items() if w >= 24 and n != "head"}
+    assert "layers.0.ffn.w1" in names and "layers.1.ffn.shared_experts.w1" not in names
+
+
 TRITON_CHECK = textwrap.dedent("""
     import torch
     from dsv3.fp8 import kernels, quant
