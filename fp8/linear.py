@@ -66,6 +66,7 @@ class FP8Linear(nn.Linear):
     """nn.Linear (same parameters and names) computing its three GEMMs in FP8."""
     power_of_two = False
 
+    @torch.compiler.disable  # see FP8RoutedExperts.forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self.bias is None, "the model's linears have no bias"
         return FP8LinearFunction.apply(x, self.weight, compute_dtype(x), self.power_of_two)
@@ -115,5 +116,9 @@ class FP8RoutedExperts(RoutedExperts):
     """Routed experts (same parameters and names) computing all their GEMMs in grouped FP8."""
     power_of_two = False
 
+    # Kept out of a compiled block's graph: compiled, the FP8 layers' gradients came out wrong (the
+    # global norm overflowed at the first step on an H200 while eager blocks trained), so the FP8
+    # GEMMs and their quantisation run eagerly between the compiled parts of a block.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return FP8ExpertsFunction.apply(x, counts, self.w1, self.w3, self.w2, compute_dtype(x), self.power_of_two)
