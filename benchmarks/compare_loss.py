@@ -1,11 +1,16 @@
 """Relative difference of two runs' training loss, EMA-smoothed as DeepSeek-V3 compares FP8 with
 BF16 (coefficient 0.9), and their median step throughput; prints one JSON line.
 
-    python benchmarks/compare_loss.py runs/fp8/metrics.jsonl runs/bf16/metrics.jsonl
+    python benchmarks/compare_loss.py runs/fp8/metrics.jsonl runs/bf16/metrics.jsonl \
+        [--spread runs/bf16_seed1/metrics.jsonl] [--plot loss.png] [--names fp8,bf16,bf16_seed1]
+
+--spread names a second baseline run (another seed): its gap to the baseline, computed the same way,
+is the seed spread the test run's gap is read against. --plot draws the EMA losses and the gaps, with
+the runs named by --names (default: test, baseline, spread).
 """
+import argparse
 import json
 import statistics
-import sys
 
 
 def load(path: str) -> dict[int, dict]:
@@ -21,20 +26,58 @@ def ema(values: list[float], coefficient: float = 0.9) -> list[float]:
     return smoothed
 
 
-def main(test_path: str, baseline_path: str) -> None:
-    test, baseline = load(test_path), load(baseline_path)
-    steps = sorted(set(test) & set(baseline))
-    test_ema = ema([test[s]["main_loss"] for s in steps])
-    base_ema = ema([baseline[s]["main_loss"] for s in steps])
-    relative = [(t - b) / b for t, b in zip(test_ema, base_ema)]
+def gap(run: dict[int, dict], baseline: dict[int, dict], steps: list[int]) -> tuple[list[float], dict]:
+    """Per step, the relative difference of the EMA main losses, and its summary (percent)."""
+    run_ema, base_ema = ema([run[s]["main_loss"] for s in steps]), ema([baseline[s]["main_loss"] for s in steps])
+    relative = [(r - b) / b for r, b in zip(run_ema, base_ema)]
     marks = sorted({steps[-1]} | {s for s in steps if s % 100 == 0})
-    print(json.dumps({
-        "steps": len(steps), "last_step": steps[-1],
-        "relative_ema_loss_at": {s: round(100 * relative[steps.index(s)], 3) for s in marks},
-        "mean_relative_last_100_pct": round(100 * statistics.mean(relative[-100:]), 3),
-        "tokens_per_s": [round(statistics.median(r["tokens_per_s"] for r in run.values())) for run in (test, baseline)],
-    }))
+    return relative, {"relative_ema_loss_at": {s: round(100 * relative[steps.index(s)], 3) for s in marks},
+                      "mean_relative_last_100_pct": round(100 * statistics.mean(relative[-100:]), 3)}
+
+
+def draw(path: str, steps: list[int], runs: dict[str, dict[int, dict]], gaps: dict[str, list[float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    for name, run in runs.items():
+        top.plot(steps, ema([run[s]["main_loss"] for s in steps]), label=name, linewidth=1)
+    top.set_ylabel("main loss, EMA 0.9 (nats)")
+    top.legend()
+    for name, relative in gaps.items():
+        bottom.plot(steps, [100 * r for r in relative], label=name, linewidth=1)
+    bottom.axhline(0, color="black", linewidth=0.5)
+    bottom.set_ylabel("relative to the baseline (%)")
+    bottom.set_xlabel("step")
+    bottom.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("test")
+    parser.add_argument("baseline")
+    parser.add_argument("--spread", help="the baseline run again with another seed")
+    parser.add_argument("--plot", help="write the EMA losses and the gaps to this PNG")
+    parser.add_argument("--names", default="test,baseline,spread", help="the runs' names in the plot")
+    args = parser.parse_args()
+    test, base, spread = args.names.split(",")
+    runs = {test: load(args.test), base: load(args.baseline)}
+    if args.spread:
+        runs[spread] = load(args.spread)
+    steps = sorted(set.intersection(*(set(run) for run in runs.values())))
+    relative, summary = gap(runs[test], runs[base], steps)
+    gaps, result = {f"{test} - {base}": relative}, {"steps": len(steps), "last_step": steps[-1], **summary}
+    if args.spread:
+        gaps[f"{spread} - {base}"], result["spread"] = gap(runs[spread], runs[base], steps)
+    result["tokens_per_s"] = [round(statistics.median(r["tokens_per_s"] for r in run.values())) for run in runs.values()]
+    if args.plot:
+        draw(args.plot, steps, runs, gaps)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main()

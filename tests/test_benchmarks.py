@@ -154,13 +154,26 @@ def test_titan_model_args_refuses_what_torchtitan_cannot_build(change, message):
 
 
 def test_compare_loss_reports_relative_ema_loss_and_throughput(tmp_path):
-    for name, scale, speed in (("test", 1.01, 900.0), ("base", 1.0, 1000.0)):
+    for name, scale, speed in (("test", 1.01, 900.0), ("base", 1.0, 1000.0), ("seed1", 0.995, 1000.0)):
         records = [{"step": s, "main_loss": scale * (10 - s / 100), "tokens_per_s": speed} for s in range(1, 201)]
         (tmp_path / f"{name}.jsonl").write_text("\n".join(map(json.dumps, records)))
-    (line,) = json_lines(run("compare_loss.py", str(tmp_path / "test.jsonl"), str(tmp_path / "base.jsonl")))
+    (line,) = json_lines(run("compare_loss.py", str(tmp_path / "test.jsonl"), str(tmp_path / "base.jsonl"),
+                             "--spread", str(tmp_path / "seed1.jsonl"), "--plot", str(tmp_path / "loss.png")))
     assert (line["steps"], line["last_step"]) == (200, 200)
     assert line["mean_relative_last_100_pct"] == pytest.approx(1.0, abs=1e-6)
-    assert line["tokens_per_s"] == [900, 1000]
+    assert line["spread"]["mean_relative_last_100_pct"] == pytest.approx(-0.5, abs=1e-6)
+    assert line["tokens_per_s"] == [900, 1000, 1000]
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fp8_compile_check_smoke():
+    lines = {line["mode"]: line for line in json_lines(run("fp8_compile_check.py", "--smoke"))}
+    assert set(lines) == {"bf16 eager", "fp8 eager"}
+    assert lines["fp8 eager"]["finite"] and lines["fp8 eager"]["rel_diff_to_fp8_eager"] == 0
+    # FP8 against the FP32 model on the CPU: rounding to E4M3 (3 mantissa bits) moves an operand by at
+    # most 2^-4 of itself, a product of two by at most (1 + 2^-4)^2 - 1 < 2^-3; the rounding errors of
+    # a sum do not all align, so the gradients as a whole differ by less (2.3% measured)
+    assert 0 < lines["fp8 eager"]["rel_diff_to_bf16_eager"] < 2 ** -3
 
 
 def test_plot_overlap_draws_both_traces(tmp_path):
