@@ -22,8 +22,8 @@ class FP8Config:
     power_of_two_scales: bool = False  # round every scale up to a power of two
 
 
-class DispatchCodec:
-    """What an expert-parallel dispatcher sends in FP8 (report section 3.3.3: dispatch in FP8 with
+class FP8DispatchCodec:
+    """The DispatchCodec (dsv3.model.moe) of FP8 training: what an expert-parallel dispatcher sends in FP8 (report section 3.3.3: dispatch in FP8 with
     power-of-two scales): 1x128 E4M3 tiles as bytes, and their scales. The experts' FP8 GEMM then
     quantises the decoded rows again, which reproduces the same E4M3 values when it also uses
     power-of-two scales (fp8.power_of_two_scales=true)."""
@@ -46,12 +46,13 @@ def convert(model: nn.Module, cfg: FP8Config) -> list[str]:
     """Turns the model's GEMMs that the report (section 3.3.1) runs in FP8 into FP8 ones, in place (same
     parameters, same names): every Linear of MLA, the dense MLPs and the shared experts, and the
     routed experts. The embedding, output head, MTP projection, routers and norms stay as they
-    are, and attention's core is not a Linear. Expert-parallel dispatchers send FP8 (combine
-    stays in the compute dtype). Returns the names converted."""
+    are, and attention's core is not a Linear. Every MoE layer's dispatcher gets the FP8 codec:
+    expert-parallel dispatch sends FP8 (combine stays in the compute dtype), whether the experts
+    were sharded before or are sharded after. Returns the names converted."""
     converted = []
     for module in model.modules():
-        if isinstance(module, MoE) and hasattr(module.dispatcher, "codec"):
-            module.dispatcher.codec = DispatchCodec()
+        if isinstance(module, MoE):
+            module.dispatcher = module.dispatcher.with_codec(FP8DispatchCodec())
     for name, module in model.named_modules():
         if type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in KEPT_IN_HIGH_PRECISION:
             module.__class__ = FP8Linear
