@@ -35,7 +35,10 @@ from torch.profiler import ProfilerActivity, profile
 from dsv3.model import ModelConfig
 from dsv3.parallel.config import ParallelConfig
 from dsv3.parallel.mesh import pipeline_lines
-from dsv3.parallel.pipeline import Cut, Pipeline, Replicas, StageLinks, split_layers
+from dsv3.parallel.p2p import StageLinks
+from dsv3.parallel.pipeline import Pipeline
+from dsv3.parallel.pipeline_cut import Cut, split_layers
+from dsv3.parallel.replicated import Replicas
 from dsv3.parallel.runtime import start, stop
 from dsv3.parallel.schedules import Costs, Placement, build, simulate
 from dsv3.train.config import compose

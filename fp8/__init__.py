@@ -26,8 +26,8 @@ class FP8Config:
     min_width: int = 0
 
 
-class DispatchCodec:
-    """What an expert-parallel dispatcher sends in FP8 (report section 3.3.3: dispatch in FP8 with
+class FP8DispatchCodec:
+    """The DispatchCodec (dsv3.model.moe) of FP8 training: what an expert-parallel dispatcher sends in FP8 (report section 3.3.3: dispatch in FP8 with
     power-of-two scales): 1x128 E4M3 tiles as bytes, and their scales. The experts' FP8 GEMM then
     quantises the decoded rows again, which reproduces the same E4M3 values when it also uses
     power-of-two scales (fp8.power_of_two_scales=true)."""
@@ -50,14 +50,14 @@ def convert(model: nn.Module, cfg: FP8Config) -> list[str]:
     """Turns the model's GEMMs that the report (section 3.3.1) runs in FP8 into FP8 ones, in place (same
     parameters, same names): every Linear of MLA, the dense MLPs and the shared experts, and the
     routed experts. The embedding, output head, MTP projection, routers and norms stay as they
-    are, and attention's core is not a Linear. Expert-parallel dispatchers send FP8 (combine
-    stays in the compute dtype). GEMMs narrower than cfg.min_width are left as they are. Returns the
-    names converted."""
+    are, and attention's core is not a Linear. Every MoE layer whose experts turn FP8 gets the FP8
+    codec: expert-parallel dispatch sends FP8 (combine stays in the compute dtype), whether the
+    experts were sharded before or are sharded after. GEMMs narrower than cfg.min_width are left as
+    they are. Returns the names converted."""
     converted = []
     for module in model.modules():
-        if (isinstance(module, MoE) and hasattr(module.dispatcher, "codec")
-                and min(module.experts.w2.shape[1:]) >= cfg.min_width):
-            module.dispatcher.codec = DispatchCodec()
+        if isinstance(module, MoE) and min(module.experts.w2.shape[1:]) >= cfg.min_width:
+            module.dispatcher = module.dispatcher.with_codec(FP8DispatchCodec())
     for name, module in model.named_modules():
         if type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in KEPT_IN_HIGH_PRECISION:
             if min(module.in_features, module.out_features) < cfg.min_width:

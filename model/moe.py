@@ -4,13 +4,15 @@ One MoE layer: a router picks top-k routed experts per token, a dispatcher group
 expert, the experts run as one grouped computation, the dispatcher puts the results back in token
 order, and they are summed with the router's gates plus the shared experts' output.
 
-The dispatcher is injected: ``LocalDispatcher`` here, an all-to-all one over the expert-parallel
-group from ``dsv3.parallel``. Nothing in this file knows about process groups.
+The dispatcher is injected, through the ``Dispatcher`` protocol: ``LocalDispatcher`` here, an
+all-to-all one over the expert-parallel group from ``dsv3.parallel``. Either may carry a
+``DispatchCodec`` (FP8 from ``dsv3.fp8``) that encodes the rows dispatch sends. Nothing in this
+file knows about process groups or FP8.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +156,16 @@ class RoutedExperts(nn.Module):
             outputs.append(h @ self.w2[e].to(dtype))
         return torch.cat(outputs)
 
+    def keep(self, first: int, count: int) -> None:
+        """Keep only experts [first, first + count) of the layer (a shard under expert parallelism),
+        in place: the module keeps its class, and its weights keep their values (or stay on meta)."""
+        start = first - self.first_expert
+        for name in ("w1", "w2", "w3"):
+            weight = getattr(self, name)
+            setattr(self, name, nn.Parameter(weight.detach()[start:start + count].clone(),
+                                             requires_grad=weight.requires_grad))
+        self.first_expert = first
+
     def reset_parameters(self, seed: int) -> None:
         """Each expert draws from its own stream, keyed by its global index, so any sharding of
         the experts over ranks initialises exactly what one process would."""
@@ -239,11 +251,47 @@ def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor,
     return order, restore, rows_per_expert(flat, n_experts)
 
 
-class LocalDispatcher:
-    """Single process: every expert is here, so the exchange moves nothing."""
+class DispatchCodec(Protocol):
+    """How dispatch encodes the rows it sends (FP8 with scales) and decodes what arrives."""
 
-    def __init__(self, n_experts: int):
+    def encode(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, dim) rows -> (data, scales), both (tokens, ...) so they split like the rows."""
+
+    def decode(self, data: torch.Tensor, scales: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Rows of `like`'s width and dtype from what encode gave."""
+
+
+class Handle(Protocol):
+    def wait(self) -> object:
+        """Blocks until the exchange's result is ready."""
+
+
+class Dispatcher(Protocol):
+    """Moves token copies to the experts that process them (dispatch) and back (combine)."""
+    codec: DispatchCodec | None  # encodes what dispatch sends; combine and gradients are never encoded
+
+    def plan(self, indices: torch.Tensor) -> DispatchPlan:
+        """The route of the router's (tokens, k) expert indices."""
+
+    def exchange(self, rows: torch.Tensor, plan: DispatchPlan, back: bool = False) -> torch.Tensor:
+        """Dispatch (or, with back=True, combine) inside autograd."""
+
+    def start_exchange(self, rows: torch.Tensor, plan: DispatchPlan, back: bool = False,
+                       gradient: bool = False) -> tuple[torch.Tensor, Handle | None]:
+        """The exchange outside autograd: (result, handle to wait on before reading it, or None).
+        gradient=True: rows are gradients (a backward pass)."""
+
+    def with_codec(self, codec: DispatchCodec | None) -> Dispatcher:
+        """The same dispatcher with `codec` encoding what dispatch sends."""
+
+
+class LocalDispatcher:
+    """Single process: every expert is here, so the exchange moves nothing and encodes nothing.
+    It keeps its codec for the all-to-all dispatcher that replaces it under expert parallelism."""
+
+    def __init__(self, n_experts: int, codec: DispatchCodec | None = None):
         self.n_experts = n_experts
+        self.codec = codec
 
     def plan(self, indices: torch.Tensor) -> DispatchPlan:
         order, restore, counts = sort_by_expert(indices, self.n_experts)
@@ -252,9 +300,12 @@ class LocalDispatcher:
     def exchange(self, rows: torch.Tensor, plan: DispatchPlan, back: bool = False) -> torch.Tensor:
         return rows
 
-    def start_exchange(self, rows: torch.Tensor, plan: DispatchPlan, back: bool = False, gradient: bool = False):
-        """The exchange outside autograd, returning (result, handle to wait on or None)."""
+    def start_exchange(self, rows: torch.Tensor, plan: DispatchPlan, back: bool = False,
+                       gradient: bool = False) -> tuple[torch.Tensor, Handle | None]:
         return rows, None
+
+    def with_codec(self, codec: DispatchCodec | None) -> LocalDispatcher:
+        return LocalDispatcher(self.n_experts, codec)
 
 
 class MoE(nn.Module):
@@ -265,7 +316,7 @@ class MoE(nn.Module):
         self.experts = RoutedExperts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.init_std)
         self.shared_experts = (MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim)
                                if cfg.n_shared_experts > 0 else None)
-        self.dispatcher = LocalDispatcher(cfg.n_routed_experts)
+        self.dispatcher: Dispatcher = LocalDispatcher(cfg.n_routed_experts)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (batch, seq, dim) -> output (batch, seq, dim) and this layer's sequence balance loss.

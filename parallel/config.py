@@ -2,7 +2,7 @@
 data parallelism, no tensor parallelism)."""
 from dataclasses import dataclass, field
 
-SCHEDULES = ("1f1b", "zbv", "dualpipev", "dualpipe")
+from .schedules import SCHEDULES
 
 
 @dataclass

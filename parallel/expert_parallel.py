@@ -5,7 +5,9 @@ dispatch: sort this rank's token copies by global expert; exchange how many go t
 (an all-to-all of counts); send each rank its tokens with an uneven `all_to_all_single`; regroup
 what arrived by local expert for the grouped GEMM.
 combine: the same moves in reverse, so outputs come back in the router's (token, k) order.
-Both exchanges are autograd-aware: backward sends gradients along the reverse route.
+Both exchanges are autograd-aware: backward sends gradients along the reverse route. With a codec
+(FP8 from dsv3.fp8), dispatch sends encoded rows and their scales; combine, and the backward of
+dispatch, stay in the compute dtype.
 """
 from __future__ import annotations
 
@@ -13,20 +15,22 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from dsv3.model.moe import DispatchPlan, MoE, RoutedExperts, sort_by_expert
+from dsv3.model.moe import DispatchCodec, DispatchPlan, Handle, MoE, RoutedExperts, sort_by_expert
 from dsv3.model.transformer import Transformer
 
 
 class AllToAllDispatcher:
-    def __init__(self, group: dist.ProcessGroup, n_experts: int):
+    """The model's Dispatcher (dsv3.model.moe) over the ranks of an expert-parallel group."""
+
+    def __init__(self, group: dist.ProcessGroup, n_experts: int, codec: DispatchCodec | None = None):
         self.group = group
         self.ep = dist.get_world_size(group)
         self.local_experts = n_experts // self.ep
         self.n_experts = n_experts
-        # Set by dsv3.fp8.convert: dispatch sends E4M3 rows and their scales instead of the rows
-        # (codec.encode(rows) -> (uint8 rows, scales); codec.decode(bytes, scales, like) -> rows).
-        # Combine, and the backward of dispatch, stay in the compute dtype.
-        self.codec = None
+        self.codec = codec
+
+    def with_codec(self, codec: DispatchCodec | None) -> AllToAllDispatcher:
+        return AllToAllDispatcher(self.group, self.n_experts, codec)
 
     def plan(self, indices: torch.Tensor) -> DispatchPlan:
         order, restore, counts = sort_by_expert(indices, self.n_experts)  # rows for each global expert
@@ -51,7 +55,8 @@ class AllToAllDispatcher:
             return _EncodedDispatch.apply(rows, plan, self)
         return all_to_all_single_autograd(rows, *self._splits(plan, back), self.group)
 
-    def start_exchange(self, rows: torch.Tensor, plan: DispatchPlan, back: bool = False, gradient: bool = False):
+    def start_exchange(self, rows: torch.Tensor, plan: DispatchPlan, back: bool = False,
+                       gradient: bool = False) -> tuple[torch.Tensor, Handle]:
         """The same all-to-all outside autograd and asynchronous: (result, handle to wait on).
         gradient=True: rows are gradients (a backward pass), which are never encoded."""
         output_splits, input_splits = self._splits(plan, back)
@@ -108,17 +113,16 @@ class _EncodedDispatch(torch.autograd.Function):
 
 
 def shard_experts(model: Transformer, group: dist.ProcessGroup) -> None:
-    """Replace every MoE layer's experts by this rank's shard and its dispatcher by the
-    all-to-all one. Call on the meta device, before materialising: init keys each expert by its
-    global index, so the shards hold exactly what one process would."""
+    """Keep this rank's shard of every MoE layer's experts and give the layer the all-to-all
+    dispatcher, with the codec its dispatcher had. The experts keep their class (FP8 or not) and
+    the values of their weights, so sharding and FP8 conversion may come in either order; on the
+    meta device, before materialising, init keys each expert by its global index, so the shards
+    hold exactly what one process would."""
     ep, rank = dist.get_world_size(group), dist.get_rank(group)
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        cfg = moe.cfg
-        local = cfg.n_routed_experts // ep
-        device = moe.experts.w1.device
-        with torch.device(device):
-            moe.experts = RoutedExperts(local, cfg.dim, cfg.moe_inter_dim, cfg.init_std, first_expert=rank * local)
-        moe.dispatcher = AllToAllDispatcher(group, cfg.n_routed_experts)
+        local = moe.cfg.n_routed_experts // ep
+        moe.experts.keep(rank * local, local)
+        moe.dispatcher = AllToAllDispatcher(group, moe.cfg.n_routed_experts, moe.dispatcher.codec)
 
 
 # --- Checkpoints that any expert layout can read -------------------------------------------------

@@ -17,6 +17,8 @@ Placements (`Placement`):
              PP-1-r of chain 1. The first half of the micro-batches enter at rank 0 and flow
              down chain 0, the second half enter at rank PP-1 and flow up chain 1; every model
              stage exists on two ranks, whose gradients are summed.
+A schedule is one entry of `SHAPES`: virtual stages per rank, chains, and the builder of each
+rank's order.
 
 `python -m dsv3.parallel.schedules --schedule dualpipe --pp 4 --micro-batches 10` prints one.
 """
@@ -25,8 +27,7 @@ from __future__ import annotations
 import argparse
 from collections import deque
 from dataclasses import dataclass, field
-
-from .config import SCHEDULES
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -54,33 +55,32 @@ class Action:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the virtual stages of a schedule live, and which model stage each one runs."""
+    """Where the virtual stages of a schedule live, and which model stage each one runs: stage s
+    sits on rank s for s < pp and on rank 2pp-1-s beyond (a V), and each chain of stages runs
+    through every model stage once (its `Shape` in SHAPES)."""
     schedule: str
     pp: int
 
     @property
+    def shape(self) -> Shape:
+        return SHAPES[self.schedule]
+
+    @property
     def n_stages(self) -> int:
         """Virtual stages."""
-        return self.pp if self.schedule == "1f1b" else 2 * self.pp
+        return self.shape.stages_per_rank * self.pp
 
     @property
     def n_model_stages(self) -> int:
-        """Distinct slices of the model (DualPipe runs each one twice)."""
-        return self.pp if self.schedule in ("1f1b", "dualpipe") else 2 * self.pp
+        """Distinct slices of the model, which is also the length of a chain (DualPipe runs each
+        slice twice, once per chain)."""
+        return self.n_stages // self.shape.chains
 
     def rank(self, stage: int) -> int:
-        pp = self.pp
-        if self.schedule == "1f1b":
-            return stage
-        if self.schedule == "dualpipe":
-            return stage if stage < pp else 2 * pp - 1 - stage
-        return stage if stage < pp else 2 * pp - 1 - stage  # V
+        return stage if stage < self.pp else 2 * self.pp - 1 - stage
 
     def model_stage(self, stage: int) -> int:
-        return stage % self.pp if self.schedule == "dualpipe" else stage
-
-    def chain_length(self) -> int:
-        return self.pp if self.schedule == "dualpipe" else self.n_stages
+        return stage % self.n_model_stages
 
     def is_first(self, stage: int) -> bool:
         return self.model_stage(stage) == 0
@@ -98,16 +98,16 @@ class Placement:
         return [s for s in range(self.n_stages) if self.rank(s) == rank]
 
     def entry_stage(self, mb: int, n_microbatches: int) -> int:
-        """The first virtual stage of micro-batch mb (DualPipe: chain 1 for the second half)."""
-        if self.schedule == "dualpipe" and mb >= n_microbatches // 2:
-            return self.pp
-        return 0
+        """The first virtual stage of micro-batch mb: each chain takes an equal share, in order
+        (DualPipe: the second half enters chain 1)."""
+        return mb * self.shape.chains // n_microbatches * self.n_model_stages
 
 
 def micro_batch_counts(schedule: str, pp: int) -> tuple[int, int]:
     """(multiple, least): a step of `schedule` over pp ranks runs a multiple of `multiple` micro-batches
-    (DualPipe: 2, one half per chain), and at least `least` (enough to fill the pipeline)."""
-    return (2 if schedule == "dualpipe" else 1), (pp if schedule == "1f1b" else 2 * pp)
+    (one share per chain), and at least `least`, one per virtual stage (enough to fill the pipeline)."""
+    shape = SHAPES[schedule]
+    return shape.chains, shape.stages_per_rank * pp
 
 
 def validate(schedule: str, pp: int, n_microbatches: int) -> None:
@@ -116,8 +116,8 @@ def validate(schedule: str, pp: int, n_microbatches: int) -> None:
         raise ValueError(f"parallel.schedule={schedule!r} is not one of {', '.join(SCHEDULES)}.")
     if pp < 2:
         raise ValueError(f"parallel.schedule={schedule} needs parallel.pp >= 2, got {pp}.")
-    if schedule == "dualpipe" and pp % 2:
-        raise ValueError(f"parallel.schedule=dualpipe needs an even parallel.pp, got {pp}.")
+    if SHAPES[schedule].chains > 1 and pp % 2:  # the two chains enter at opposite ends, meeting half-way
+        raise ValueError(f"parallel.schedule={schedule} needs an even parallel.pp, got {pp}.")
     multiple, least = micro_batch_counts(schedule, pp)
     if n_microbatches % multiple:  # DualPipe's two halves
         raise ValueError(f"parallel.schedule={schedule} needs an even number of micro-batches per step, got "
@@ -131,8 +131,8 @@ def validate(schedule: str, pp: int, n_microbatches: int) -> None:
 def build(schedule: str, pp: int, n_microbatches: int) -> dict[int, list[Action]]:
     """The actions of every rank."""
     validate(schedule, pp, n_microbatches)
-    make = {"1f1b": _one_f_one_b, "zbv": _zbv, "dualpipev": _dualpipe_v, "dualpipe": _dualpipe}[schedule]
-    return {rank: make(rank, pp, n_microbatches) for rank in range(pp)}
+    order = SHAPES[schedule].order
+    return {rank: order(rank, pp, n_microbatches) for rank in range(pp)}
 
 
 def forward_only(placement: Placement, n_microbatches: int) -> dict[int, list[Action]]:
@@ -305,6 +305,24 @@ def _dualpipe(rank: int, pp: int, n: int) -> list[Action]:
         stages, offsets = (chain0_stage, chain1_stage), (chain0_mbs, chain1_mbs)
     order = _DualPipeOrder(stages, offsets)
     return order.build(h=h, half_pp=pp // 2, half_n=n // 2, middle=h == pp // 2 - 1)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a schedule is: how many virtual stages each rank holds, how many chains run through
+    the model, and the order of each rank's actions."""
+    stages_per_rank: int  # 1: one stage per rank; 2: a V, or DualPipe's two chains
+    chains: int  # 2: DualPipe, half the micro-batches per chain, every model stage on two ranks
+    order: Callable[[int, int, int], list[Action]]  # (rank, pp, micro-batches) -> that rank's actions
+
+
+SHAPES = {
+    "1f1b": Shape(1, 1, _one_f_one_b),
+    "zbv": Shape(2, 1, _zbv),
+    "dualpipev": Shape(2, 1, _dualpipe_v),
+    "dualpipe": Shape(2, 2, _dualpipe),
+}
+SCHEDULES = tuple(SHAPES)
 
 
 # --- simulation and printing ---------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dsv3.fp8.groups import Groups
 from dsv3.fp8.linear import FP8Linear, FP8LinearFunction, FP8RoutedExperts
 from dsv3.fp8.quant import (E4M3_MAX, dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles)
 from dsv3.model import ModelConfig, Transformer
-from dsv3.model.moe import RoutedExperts
+from dsv3.model.moe import MoE, RoutedExperts
 
 
 def data(*shape, seed=0):
@@ -340,6 +340,21 @@ def test_tiny_recipe_trains_in_fp8(tmp_path):
     assert sum(fp8[late]) == pytest.approx(sum(bf16[late]), rel=0.02)
 
 
+def sends_rounded_rows(dispatcher, rank) -> bool:
+    """Whether dispatch puts E4M3 tiles with power-of-two scales on the wire: exactly the rows
+    rounded so arrive, where a plain all-to-all delivers the rows themselves."""
+    import torch.distributed as dist
+
+    from dsv3.parallel.expert_parallel import AllToAllDispatcher
+
+    plain = AllToAllDispatcher(dist.group.WORLD, 8)
+    rows = torch.randn(24, 32, generator=torch.Generator().manual_seed(rank))
+    plan = dispatcher.plan(torch.randint(8, (12, 2), generator=torch.Generator().manual_seed(rank)))
+    sent = dispatcher.exchange(rows, plan)
+    rounded = dequantize_tiles(*quantize_tiles(rows, True), 32)
+    return torch.equal(sent, plain.exchange(rounded, plan)) and not torch.equal(sent, plain.exchange(rows, plan))
+
+
 def _fp8_ep_worker(rank, world_size):
     """ep=2: FP8 model whose dispatch sends E4M3 + scales; returns losses and gradients."""
     import torch.distributed as dist
@@ -353,17 +368,7 @@ def _fp8_ep_worker(rank, world_size):
     model.to_empty(device="cpu")
     model.init_weights(seed=0)
     convert(model, FP8Config(enabled=True, power_of_two_scales=True))
-    dispatcher = model.layers["1"].ffn.dispatcher
-    assert dispatcher.codec is not None
-    # on the wire: E4M3 tiles with power-of-two scales, i.e. exactly the rounded rows arrive
-    rows = torch.randn(24, 32, generator=torch.Generator().manual_seed(rank))
-    plan = dispatcher.plan(torch.randint(8, (12, 2), generator=torch.Generator().manual_seed(rank)))
-    sent = dispatcher.exchange(rows, plan)
-    rounded = dequantize_tiles(*quantize_tiles(rows, True), 32)
-    codec, dispatcher.codec = dispatcher.codec, None
-    assert torch.equal(sent, dispatcher.exchange(rounded, plan))
-    assert not torch.equal(sent, dispatcher.exchange(rows, plan))
-    dispatcher.codec = codec
+    assert sends_rounded_rows(model.layers["1"].ffn.dispatcher, rank)
     tokens = global_batch(0)[rank * 4:(rank + 1) * 4]
     out = model(tokens[:, :-1], tokens[:, 1:])
     out.total(0.3).backward()
@@ -405,3 +410,53 @@ def test_fp8_dispatch_equals_the_single_process_fp8_model(tmp_path):
             mean = (results[0]["grads"][name] + results[1]["grads"][name]) / 2
             torch.testing.assert_close(mean, model.get_parameter(name).grad, rtol=1e-4, atol=1e-6,
                                            msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _shard_and_convert_worker(rank, world_size):
+    """ep=2 FP8 models built both ways: experts sharded on the meta device then converted, and a
+    materialised model converted then sharded. Returns what each one is and computes."""
+    import torch.distributed as dist
+
+    from dsv3.parallel.expert_parallel import shard_experts
+    from test_parallel import CFG, global_batch
+
+    fp8 = FP8Config(enabled=True, power_of_two_scales=True)
+    with torch.device("meta"):
+        shard_then_convert = Transformer(ModelConfig(**CFG))
+        shard_experts(shard_then_convert, dist.group.WORLD)
+    shard_then_convert.to_empty(device="cpu")
+    shard_then_convert.init_weights(seed=0)
+    convert(shard_then_convert, fp8)
+    convert_then_shard = Transformer(ModelConfig(**CFG))
+    convert_then_shard.init_weights(seed=0)
+    convert(convert_then_shard, fp8)
+    shard_experts(convert_then_shard, dist.group.WORLD)
+    tokens = global_batch(0)[rank * 4:(rank + 1) * 4]
+    results = {}
+    for name, model in (("shard_then_convert", shard_then_convert), ("convert_then_shard", convert_then_shard)):
+        moes = [m for m in model.modules() if isinstance(m, MoE)]
+        results[name] = {
+            "experts": {type(m.experts).__name__ for m in moes},
+            "first": {m.experts.first_expert for m in moes},
+            "sends_fp8": [sends_rounded_rows(m.dispatcher, rank) for m in moes],
+            "state": model.state_dict(),
+            "loss": model(tokens[:, :-1], tokens[:, 1:]).total(0.3).detach(),
+        }
+    return results
+
+
+def test_sharding_and_fp8_conversion_commute(tmp_path):
+    """Either order of expert sharding and FP8 conversion gives FP8 experts holding this rank's
+    shard, FP8 dispatch in every MoE layer, and the same weights and loss."""
+    from multirank import run_ranks
+
+    for rank, results in enumerate(run_ranks(_shard_and_convert_worker, 2, tmp_path)):
+        a, b = results["shard_then_convert"], results["convert_then_shard"]
+        for built in (a, b):
+            assert built["experts"] == {"FP8RoutedExperts"}
+            assert built["first"] == {rank * 4}
+            assert built["sends_fp8"] and all(built["sends_fp8"])
+        assert a["state"].keys() == b["state"].keys()
+        for name in a["state"]:
+            assert torch.equal(a["state"][name], b["state"][name]), name
+        assert torch.equal(a["loss"], b["loss"])

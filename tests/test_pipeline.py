@@ -9,7 +9,10 @@ from dsv3.parallel.config import ParallelConfig
 from dsv3.parallel.data_parallel import GradientSync
 from dsv3.parallel.expert_parallel import shard_experts
 from dsv3.parallel.mesh import build_mesh, data_parallel_rank, pipeline_lines, resolve_layout, stage_group
-from dsv3.parallel.pipeline import Cut, Pipeline, Replicas, StageLinks, build_stage_module, split_layers
+from dsv3.parallel.p2p import StageLinks
+from dsv3.parallel.pipeline import Pipeline
+from dsv3.parallel.pipeline_cut import Cut, build_stage_module, split_layers
+from dsv3.parallel.replicated import Replicas
 from dsv3.parallel.schedules import Placement
 
 from multirank import run_ranks

@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from dsv3.parallel.config import SCHEDULES
-from dsv3.parallel.schedules import validate
+from dsv3.parallel.schedules import SCHEDULES, validate
 from dsv3.train.config import ScheduleConfig
 from dsv3.train.optim import AdamW
 from dsv3.train.schedule import Schedule, plan, steps_for

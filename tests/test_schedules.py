@@ -30,9 +30,24 @@ def test_every_micro_batch_runs_once_and_nothing_deadlocks(schedule, pp, n):
         weights = [a.mb for a in orders[rank] if a.kind == "W" and a.stage == stage]
         inputs = [a.mb for a in orders[rank] if a.kind == "I" and a.stage == stage]
         chain = [mb for mb in range(n) if placement.entry_stage(mb, n) <= stage < placement.entry_stage(mb, n)
-                 + placement.chain_length()]
+                 + placement.n_model_stages]
         assert forwards == chain and backwards == chain  # in micro-batch order, each once
         assert weights == inputs  # every deferred weight gradient is computed, first in first out
+
+
+@pytest.mark.parametrize("schedule,ranks,model_stages,entries", [
+    ("1f1b", [0, 1], [0, 1], [0, 0, 0, 0]),
+    ("zbv", [0, 1, 1, 0], [0, 1, 2, 3], [0, 0, 0, 0]),
+    ("dualpipev", [0, 1, 1, 0], [0, 1, 2, 3], [0, 0, 0, 0]),
+    ("dualpipe", [0, 1, 1, 0], [0, 1, 0, 1], [0, 0, 2, 2]),
+])
+def test_placements_put_stages_where_the_module_doc_says(schedule, ranks, model_stages, entries):
+    """pp=2, 4 micro-batches: each virtual stage's rank and model stage, each micro-batch's entry."""
+    placement = Placement(schedule, 2)
+    assert [placement.rank(s) for s in range(placement.n_stages)] == ranks
+    assert [placement.model_stage(s) for s in range(placement.n_stages)] == model_stages
+    assert placement.n_model_stages == max(model_stages) + 1
+    assert [placement.entry_stage(mb, 4) for mb in range(4)] == entries
 
 
 @pytest.mark.parametrize("schedule,torch_class", [("zbv", "ScheduleZBVZeroBubble"),

@@ -31,7 +31,10 @@ from dsv3.parallel import runtime as parallel_runtime
 from dsv3.parallel.expert_parallel import (expert_tensors, join_experts, join_optimizer_experts, shard_experts,
                                            split_experts, split_optimizer_experts)
 from dsv3.parallel.mesh import Layout, pipeline_lines
-from dsv3.parallel.pipeline import Cut, Pipeline, Replicas, StageLinks, build_stage_module, split_layers
+from dsv3.parallel.p2p import StageLinks
+from dsv3.parallel.pipeline import Pipeline
+from dsv3.parallel.pipeline_cut import Cut, build_stage_module, split_layers
+from dsv3.parallel.replicated import Replicas
 from dsv3.parallel.runtime import Runtime
 from dsv3.parallel.schedules import Placement
 from dsv3.parallel.zero import ZeroAdamW, build_zero_adamw
