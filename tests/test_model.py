@@ -9,9 +9,12 @@ from dsv3.model.rope import rope_frequencies
 from conftest import build
 
 
-def naive_mla(attn, x):
-    """MLA written out per head in float64 with an explicit mask, complex RoPE and softmax."""
+def naive_mla(attn, x, freqs=None, softmax_scale=None):
+    """MLA written out per head in float64 with an explicit mask, complex RoPE and softmax; RoPE's
+    frequencies and the logit scale are the model's unless given."""
     cfg = attn.cfg
+    freqs = rope_frequencies(cfg).double() if freqs is None else freqs
+    softmax_scale = cfg.softmax_scale if softmax_scale is None else softmax_scale
     b, s, _ = x.shape
     h, nope, rdim = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
     w = {name: p.double() for name, p in attn.named_parameters()}
@@ -21,7 +24,7 @@ def naive_mla(attn, x):
         return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * gain
 
     def rope(v):  # v: (b, s, heads, rdim); adjacent channel pairs as complex numbers
-        angles = torch.outer(torch.arange(s, dtype=torch.float64), rope_frequencies(cfg).double())
+        angles = torch.outer(torch.arange(s, dtype=torch.float64), freqs)
         rot = torch.polar(torch.ones_like(angles), angles).view(1, s, 1, -1)
         return torch.view_as_real(torch.view_as_complex(v.reshape(b, s, -1, rdim // 2, 2).contiguous()) * rot).flatten(-2)
 
@@ -36,7 +39,7 @@ def naive_mla(attn, x):
     q = torch.cat([q[..., :nope], rope(q[..., nope:])], -1)
     k = torch.cat([kv[..., :nope], rope(k_rope.unsqueeze(2)).expand(b, s, h, rdim)], -1)
     v = kv[..., nope:]
-    logits = torch.einsum("bihd,bjhd->bhij", q, k) * cfg.softmax_scale
+    logits = torch.einsum("bihd,bjhd->bhij", q, k) * softmax_scale
     logits = logits.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
     out = torch.einsum("bhij,bjhd->bihd", logits.softmax(-1), v).reshape(b, s, h * cfg.v_head_dim)
     return out @ w["w_o.weight"].T
