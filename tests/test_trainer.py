@@ -282,3 +282,31 @@ def test_compile_setting_compiles_each_block_only_where_asked(tmp_path):
     assert all(b._compiled_call_impl is not None for b in on.model.blocks())
     with pytest.raises(ValueError, match="train.compile must be auto, on or off"):
         trainer(tmp_path / "bad", "train.steps=1", "train.compile=yes")
+
+
+def test_batch_ramp_runs_the_scheduled_micro_batches(tmp_path):
+    """train.schedule.batch_ramp_start: the global batch grows linearly from 2 to 8 sequences over the
+    first half of a 1280-token run, read before each step from the tokens trained so far and rounded
+    down to whole micro-batches of 2 (report section 4.2's ramp, scaled), then stays at 8. The metrics
+    record that batch and its tokens at every step, and the loader has handed out exactly those
+    sequences (the final checkpoint's data position), so the steps really ran that many micro-batches."""
+    import torch.distributed.checkpoint as dcp
+
+    seq_len, total, start, end, full, micro = 32, 1280, 2, 0.5, 8, 2
+    expected, tokens = [], 0
+    while tokens < total:  # the ramp, written out
+        p = tokens / total
+        size = full if p >= end else max(micro, int(start + (full - start) * p / end) // micro * micro)
+        expected.append(size)
+        tokens += size * seq_len
+    assert expected == [2, 2, 2, 2, 4, 4, 6, 8, 8, 8]
+    history = trainer(tmp_path, "train.steps=0", f"train.tokens={total}", f"train.global_batch_size={full}",
+                      f"train.schedule.batch_ramp_start={start}", f"train.schedule.batch_ramp_end={end}",
+                      "train.eval_batches=1").run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [r["step"] for r in history] == list(range(1, len(expected) + 1))
+    assert [r["batch_size"] for r in records] == expected
+    assert [r["tokens"] for r in records] == [seq_len * sum(expected[:i + 1]) for i in range(len(expected))]
+    state = {"trainer": {"loader": {"samples_seen": -1}}}
+    dcp.load(state, checkpoint_id=str(tmp_path / "checkpoints" / f"step_{len(expected):08d}"))
+    assert state["trainer"]["loader"]["samples_seen"] == sum(expected)
