@@ -15,11 +15,34 @@ def run(*args, cwd=None):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
+# Published sizes in billions, each with one unit of its last digit: DeepSeek-V3 report (671B total,
+# 37B activated per token), DeepSeek-V2 paper (236B / 21B; V2-Lite 15.7B / 2.4B). The papers do not
+# say whether they round or truncate (V2-Lite's 2.45B reads as 2.4B, V3's 36.6B as 37B), so the
+# check allows a whole unit of the last digit, not half of one.
+PUBLISHED = {"v3_671b": ((671, 1), (37, 1)), "v2_236b": ((236, 1), (21, 1)),
+             "v2_lite_16b": ((15.7, 0.1), (2.4, 0.1))}
+
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_composes_into_a_valid_model(name):
-    cfg = compose([f"model={name}"])
-    model_cfg = OmegaConf.to_object(cfg.model)
-    assert model_cfg.n_layers > 0
+    """Every value of recipes/model/<name>.yaml reaches ModelConfig unchanged (nothing dropped,
+    renamed or overridden by the composition), and the published recipes have the published sizes."""
+    from dsv3.model import count
+    from dsv3.train.config import RECIPES as RECIPE_DIR
+
+    model_cfg = OmegaConf.to_object(compose([f"model={name}"]).model)
+    written = OmegaConf.to_container(OmegaConf.load(RECIPE_DIR / "model" / f"{name}.yaml"))
+    assert len(written) >= 20  # the whole shape is written out, not left to defaults
+    for key, value in written.items():
+        assert getattr(model_cfg, key) == value, key
+    if name in PUBLISHED:
+        (total, total_digit), (activated, activated_digit) = PUBLISHED[name]
+        counts = count(model_cfg)
+        assert counts.total_params / 1e9 == pytest.approx(total, abs=total_digit)
+        # The published activated figures leave out the input embedding (a lookup, no product; with
+        # it V2-Lite would have 2.66B): our count includes it (and the head, a product per token).
+        lookup = model_cfg.vocab_size * model_cfg.dim
+        assert (counts.activated_params - lookup) / 1e9 == pytest.approx(activated, abs=activated_digit)
 
 
 def test_summary_prints_named_values():

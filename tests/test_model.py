@@ -9,9 +9,12 @@ from dsv3.model.rope import rope_frequencies
 from conftest import build
 
 
-def naive_mla(attn, x):
-    """MLA written out per head in float64 with an explicit mask, complex RoPE and softmax."""
+def naive_mla(attn, x, freqs=None, softmax_scale=None):
+    """MLA written out per head in float64 with an explicit mask, complex RoPE and softmax; RoPE's
+    frequencies and the logit scale are the model's unless given."""
     cfg = attn.cfg
+    freqs = rope_frequencies(cfg).double() if freqs is None else freqs
+    softmax_scale = cfg.softmax_scale if softmax_scale is None else softmax_scale
     b, s, _ = x.shape
     h, nope, rdim = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
     w = {name: p.double() for name, p in attn.named_parameters()}
@@ -21,7 +24,7 @@ def naive_mla(attn, x):
         return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * gain
 
     def rope(v):  # v: (b, s, heads, rdim); adjacent channel pairs as complex numbers
-        angles = torch.outer(torch.arange(s, dtype=torch.float64), rope_frequencies(cfg).double())
+        angles = torch.outer(torch.arange(s, dtype=torch.float64), freqs)
         rot = torch.polar(torch.ones_like(angles), angles).view(1, s, 1, -1)
         return torch.view_as_real(torch.view_as_complex(v.reshape(b, s, -1, rdim // 2, 2).contiguous()) * rot).flatten(-2)
 
@@ -36,7 +39,7 @@ def naive_mla(attn, x):
     q = torch.cat([q[..., :nope], rope(q[..., nope:])], -1)
     k = torch.cat([kv[..., :nope], rope(k_rope.unsqueeze(2)).expand(b, s, h, rdim)], -1)
     v = kv[..., nope:]
-    logits = torch.einsum("bihd,bjhd->bhij", q, k) * cfg.softmax_scale
+    logits = torch.einsum("bihd,bjhd->bhij", q, k) * softmax_scale
     logits = logits.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
     out = torch.einsum("bhij,bjhd->bihd", logits.softmax(-1), v).reshape(b, s, h * cfg.v_head_dim)
     return out @ w["w_o.weight"].T
@@ -102,16 +105,60 @@ def test_mtp_depth_k_predicts_token_i_plus_k_plus_1_without_leaking_it(tiny_cfg)
 
 
 def test_total_loss_combines_main_mtp_and_balance(tiny_cfg):
-    model = build(tiny_cfg)
-    tokens = torch.randint(tiny_cfg.vocab_size, (2, 17))
-    out = model(tokens[:, :-1], tokens[:, 1:])
-    assert len(out.mtp_losses) == tiny_cfg.mtp_depth
-    logits = model(tokens[:, :-1])
-    torch.testing.assert_close(out.main_loss, F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()))
-    expected = out.main_loss + 0.3 * sum(out.mtp_losses) / tiny_cfg.mtp_depth + out.balance_loss
-    torch.testing.assert_close(out.total(0.3), expected)
-    n_moe = tiny_cfg.n_moe_layers + tiny_cfg.mtp_depth
-    assert 0 < out.balance_loss.item() < 2 * n_moe * tiny_cfg.seq_aux_alpha * tiny_cfg.n_routed_experts
+    """Main, MTP and balance losses recomputed in float64 from the model's own logits and router
+    scores: cross-entropy of the next-token logits, of each depth's logits against t_{i+k+1}, and
+    per MoE layer (main and MTP) the sequence-wise balance loss of report eqs 17-20,
+    alpha sum_i f_i P_i with f_i = N_r / (K_r T) #selections in the sequence and P_i the sequence's
+    mean of s_i / sum_j s_j, averaged over sequences; total = main + lambda mean_k MTP_k + balance."""
+    cfg = ModelConfig(**{**vars(tiny_cfg), "seq_aux_alpha": 0.01})  # a balance term that weighs in the total
+    model = build(cfg)
+    batch, seq = 2, 16
+    tokens = torch.randint(cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    routed = []  # (indices, scores) of every router call, main layers then MTP depths, in order
+    hooks = [r.register_forward_hook(lambda m, args, out: routed.append((out[1], out[2].detach())))
+             for r in model.routers()]
+    out = model(inputs, targets)
+    for hook in hooks:
+        hook.remove()
+    assert len(out.mtp_losses) == cfg.mtp_depth and len(routed) == cfg.n_moe_layers + cfg.mtp_depth
+
+    with torch.no_grad():
+        logits = [model(inputs)]
+        h = model.embed(inputs)
+        for layer in model.layers.values():
+            h, _ = layer(h)
+        for k, module in enumerate(model.mtp, start=1):
+            h, _ = module(h[:, :-1], model.embed(inputs[:, k:]))
+            logits.append(model.head(module.norm(h)))
+
+    def cross_entropy(z, t):
+        z = z.double().flatten(0, 1)
+        return (z.logsumexp(-1) - z.gather(1, t.reshape(-1, 1)).squeeze(1)).mean()
+
+    main = cross_entropy(logits[0], targets)
+    mtp = [cross_entropy(logits[k], targets[:, k:]) for k in range(1, cfg.mtp_depth + 1)]
+    balance = torch.zeros((), dtype=torch.float64)
+    n, top = cfg.n_routed_experts, cfg.n_activated_experts
+    for indices, scores in routed:
+        length = scores.shape[0] // batch  # seq for the main layers, seq - k at MTP depth k
+        scores = scores.double().view(batch, length, n)
+        for b in range(batch):
+            selections = torch.zeros(n, dtype=torch.float64)
+            for e in indices.view(batch, length * top)[b].tolist():
+                selections[e] += 1
+            f = n / (top * length) * selections
+            p = (scores[b] / scores[b].sum(-1, keepdim=True)).mean(0)
+            balance += cfg.seq_aux_alpha * (f * p).sum() / batch
+    # Every figure is an FP32 reduction of the same FP32 values (logits over 97 classes, means over
+    # <= 32 tokens, sums over 8 experts): relative error <~ 40 eps32 = 5e-6; 1e-5 leaves room.
+    tight = dict(rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.main_loss.double(), main, **tight)
+    for got, expected in zip(out.mtp_losses, mtp):
+        torch.testing.assert_close(got.double(), expected, **tight)
+    torch.testing.assert_close(out.balance_loss.double(), balance, **tight)
+    torch.testing.assert_close(out.total(0.3).double(), main + 0.3 * sum(mtp) / cfg.mtp_depth + balance, **tight)
+    assert balance > 1e-3 * main  # the balance term is not lost in the total's rounding
 
 
 def test_init_follows_the_recipe_and_is_reproducible(tiny_cfg):

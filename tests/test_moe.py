@@ -92,11 +92,34 @@ def test_sequence_balance_loss_equals_hand_computation():
 
 
 def test_balance_loss_reaches_router_gradients(moe, tiny_cfg):
-    x = torch.randn(2, 6, tiny_cfg.dim)
+    """The router weight's gradient of the balance loss against the derivative written out in
+    float64, without autograd. Per sequence b of T tokens, with z = x W^T, s = sigmoid(z),
+    S_t = sum_j s_tj and c_ti = alpha / (B T) f_bi (the selection counts f carry no gradient):
+    dL/ds_ti = c_ti / S_t - sum_j c_tj s_tj / S_t^2, dL/dz = dL/ds s (1 - s), dL/dW = (dL/dz)^T x."""
+    batch, seq = 2, 6
+    x = torch.randn(batch, seq, tiny_cfg.dim, generator=torch.Generator().manual_seed(1))
     _, balance = moe(x)
     balance.backward()
-    assert balance.item() > 0
-    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
+    _, indices, _ = moe.router(x.view(-1, tiny_cfg.dim))  # the same selection (deterministic)
+    n_experts, k, alpha = tiny_cfg.n_routed_experts, tiny_cfg.n_activated_experts, tiny_cfg.seq_aux_alpha
+    flat, weight = x.view(-1, tiny_cfg.dim).double(), moe.router.weight.detach().double()
+    s = torch.sigmoid(flat @ weight.T)  # (B T, E)
+    counts = torch.zeros(batch, n_experts, dtype=torch.float64)
+    for b in range(batch):
+        for e in indices.view(batch, seq * k)[b].tolist():
+            counts[b, e] += 1
+    f = n_experts / (k * seq) * counts
+    total = s.sum(-1, keepdim=True)
+    expected_loss = alpha * (f * (s / total).view(batch, seq, n_experts).mean(1)).sum(-1).mean()
+    c = (alpha / (batch * seq) * f).repeat_interleave(seq, dim=0)  # (B T, E), row t of sequence t // T
+    ds = c / total - (c * s).sum(-1, keepdim=True) / total**2
+    expected_grad = (ds * s * (1 - s)).T @ flat
+    assert balance.item() == pytest.approx(expected_loss.item(), rel=1e-5)
+    # FP32 forward and backward: each entry sums 12 tokens' terms of a few roundings each, and the two
+    # terms of dL/ds cancel in part, so entries are good to ~12 x 8 x eps32 ~ 1e-5 of the largest.
+    grad = moe.router.weight.grad.double()
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5 * expected_grad.abs().max().item())
+    assert expected_grad.abs().max() > 0
 
 
 def test_model_config_rejects_impossible_routing():

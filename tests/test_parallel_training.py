@@ -12,10 +12,15 @@ RUN = ["data=synthetic", "train.wandb.mode=disabled", "train.steps=8", "train.gl
        "train.micro_batch_size=2", "train.checkpoint_every=4", "train.eval_every=0", "train.keep_checkpoints=5"]
 
 
-def train(run_dir: Path, ranks: int, *overrides) -> None:
+# Shorter runs for the comparisons below: 4 steps of 8 sequences of 32 tokens, 2 per micro-batch.
+SHORT = ["data=synthetic", "train.wandb.mode=disabled", "train.steps=4", "train.global_batch_size=8",
+         "train.micro_batch_size=2", "data.seq_len=32", "train.eval_every=0", "train.eval_batches=1"]
+
+
+def train(run_dir: Path, ranks: int, *overrides, base: list[str] = RUN) -> None:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
                 if ranks > 1 else [sys.executable])
-    result = subprocess.run([*launcher, "-m", "dsv3.train", f"train.run_dir={run_dir}", *RUN, *overrides],
+    result = subprocess.run([*launcher, "-m", "dsv3.train", f"train.run_dir={run_dir}", *base, *overrides],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
@@ -98,3 +103,99 @@ def test_dualpipe_runs_a_batch_ramp_through_odd_micro_batch_counts(tmp_path):
     train(tmp_path, 2, "parallel.pp=2", "parallel.schedule=dualpipe", "train.schedule.batch_ramp_start=8",
           "train.schedule.batch_ramp_end=0.3")
     assert [r["batch_size"] for r in records(tmp_path).values()] == [8, 8, 12, 12, 16, 16, 16, 16]
+
+
+@pytest.mark.xfail(run=False, reason=(
+    "deadlocks: dcp.async_save in train/checkpoint.py runs DCP's plan gather on the default process group "
+    "from its background thread while the next step's ZeRO-1 reduce-scatter runs on the same group; passes "
+    "when the Checkpointer gives async_save a group of its own (process_group=dist.new_group(backend='gloo'))"))
+def test_async_checkpoints_on_two_ranks_resume_like_the_uninterrupted_run(tmp_path):
+    """2 data-parallel ranks (ZeRO-1) save every 2 steps with train.async_checkpoint=true, the writes
+    running while the next steps train; resuming from step 2's checkpoint (as if preempted right after
+    it) gives steps 3 and 4 bit for bit: the same ranks, the same reductions in the same order."""
+    straight = tmp_path / "straight"
+    train(straight, 2, "train.async_checkpoint=true", "train.checkpoint_every=2", base=SHORT)
+    saved = sorted(p.name for p in (straight / "checkpoints").iterdir())
+    assert saved == ["latest", "step_00000002", "step_00000004"]
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000004")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000002\n")
+    train(run_dir, 2, "train.async_checkpoint=true", "train.checkpoint_every=2", base=SHORT)
+    reference, resumed = records(straight), records(run_dir)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("loss", "main_loss", "mtp_loss", "balance_loss", "grad_norm"):
+            assert resumed[step][key] == reference[step][key], (step, key)
+    assert records(run_dir)[3]["tokens"] == 3 * 8 * 32
+
+
+def test_zero1_with_bf16_moments_equals_one_process(tmp_path):
+    """train.adam_state_dtype=bfloat16 (the V3 recipe's) with ZeRO-1 over 2 data-parallel ranks, each
+    rank updating its slice of the BF16 moments, against one process with the same BF16 moments, both
+    checkpointing BF16 moments.
+
+    Bound: the runs differ by the order of FP32 gradient sums (the data split, the reduce-scatter),
+    which the FP32 layout tests above hold to rel 1e-5 on losses and 1e-4 on the norm; with BF16
+    moments those differences also make a stored moment round the other way where its FP32 value lies
+    within them of a BF16 rounding boundary: that moment moves by one BF16 ulp (2^-7 relative) and
+    its parameter's next update by at most lr 2^-7 R (R <= 1.001 bounds Adam's ratio m_hat /
+    sqrt(v_hat), see tests/test_parallel.py), 2.3e-5 at lr 3e-3. Such moments are a few percent of
+    the 2.5M here after 4 steps (F ~ 5e4); their parameter changes have random signs, so they move
+    the loss by about sqrt(F) |g_e| lr 2^-7 ~ 220 x 2e-3 x 2.3e-5 = 1e-5 absolute (|g_e| ~ the norm
+    ~2 over sqrt(1.2M parameters)), 1.4e-6 relative: inside the FP32 bound. A ZeRO slice with lost,
+    doubled or misplaced moments moves them by whole steps of lr."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    train(tmp_path / "zero", 2, "train.adam_state_dtype=bfloat16", base=SHORT)
+    train(tmp_path / "one", 1, "train.adam_state_dtype=bfloat16", base=SHORT)
+    zero, one = records(tmp_path / "zero"), records(tmp_path / "one")
+    assert sorted(zero) == sorted(one) == [1, 2, 3, 4]
+    for step in one:
+        for key in ("loss", "main_loss", "mtp_loss", "balance_loss"):
+            assert zero[step][key] == pytest.approx(one[step][key], rel=1e-5), (step, key)
+        assert zero[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-4), step
+    for run in ("zero", "one"):
+        checkpoint = tmp_path / run / "checkpoints" / "step_00000004"
+        metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+        moments = {m.properties.dtype for k, m in metadata.items() if k.endswith(("exp_avg", "exp_avg_sq"))}
+        assert moments == {torch.bfloat16}, (run, moments)
+
+
+@pytest.fixture(scope="module")
+def fp8_one_process(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fp8")
+    train(run_dir, 1, "precision=fp8", "train.steps=2", base=SHORT)
+    return records(run_dir)
+
+
+@pytest.mark.parametrize("schedule, overlap", [
+    ("1f1b", False),
+    pytest.param("dualpipe", True, marks=pytest.mark.xfail(run=False, reason=(
+        "fails at the first backward: with precision=fp8, every schedule with a split backward (dualpipe with "
+        "overlap on or off, dualpipev, zbv) reaches torch.distributed.pipelining's stage_backward_input from "
+        "parallel/pipeline.py's backward, which raises \"Can't detach views in-place\"; 1f1b, whose "
+        "backwards are whole, trains"))),
+])
+def test_fp8_through_the_pipeline_equals_one_process(tmp_path, fp8_one_process, schedule, overlap):
+    """precision=fp8 (the exact emulation on the CPU) over 2 pipeline ranks, with DualPipe's
+    overlapped F&B where asked, against the same FP8 model in one process, over 2 steps.
+
+    The micro-batches are the same (2 sequences), so step 1 quantises the same activations in the same
+    1x128 tiles and the same weights in the same 128x128 blocks: its loss is the one process's up to
+    the order of FP32 sums, and so is the norm of its gradients (summed over DualPipe's two chains, and
+    over ranks): the FP32 pipelined-run test's rel 1e-5 and 1e-4. Step 2's loss is that of the weights
+    after the update those gradients gave, the same bound. (From step 3 the runs drift apart further:
+    weights that differ by FP32 rounding now and then quantise to the neighbouring E4M3 value, 2^-4
+    away, and in a 4-step run of this config the losses separated by 2.4e-5 at step 3 and 1.5e-4 at
+    step 4, growth that no bound follows from.)"""
+    train(tmp_path, 2, "precision=fp8", "parallel.pp=2", f"parallel.schedule={schedule}",
+          f"parallel.overlap={str(overlap).lower()}", "train.steps=2", base=SHORT)
+    pipe, one = records(tmp_path), fp8_one_process
+    assert sorted(pipe) == sorted(one) == [1, 2]
+    for step in one:
+        for key in ("loss", "main_loss", "mtp_loss", "balance_loss"):
+            assert pipe[step][key] == pytest.approx(one[step][key], rel=1e-5), (step, key)
+        assert pipe[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-4), step
+        assert pipe[step]["max_violation_per_layer"] == pytest.approx(one[step]["max_violation_per_layer"])

@@ -72,3 +72,55 @@ def test_sequence_longer_than_the_table_is_refused():
     rope = RotaryEmbedding(v3(qk_rope_head_dim=16, max_seq_len=8))
     with pytest.raises(ValueError, match="max_seq_len=8"):
         rope(torch.randn(1, 9, 1, 16))
+
+
+def yarn_reference(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Float64 RoPE frequencies and softmax scale past the original context L, written from the YaRN
+    paper and DeepSeek-V3's inference code: pair j of base frequency theta_j = base^(-2j/d) turns
+    r_j = L theta_j / 2pi times over L; the pair index where r_j = n is d ln(L / 2pi n) / (2 ln base).
+    Pairs up to the one turning beta_fast times keep theta_j, those from the one turning beta_slow
+    times on get theta_j / s, and a linear ramp in the pair index blends between; the logits are
+    scaled by mscale^2 / sqrt(d_qk), mscale = 0.1 m ln s + 1."""
+    d, base, length, s = cfg.qk_rope_head_dim, cfg.rope_theta, cfg.original_seq_len, cfg.rope_factor
+    theta = torch.tensor([base ** (-2 * j / d) for j in range(d // 2)], dtype=torch.float64)
+
+    def pair_turning(n):
+        return d * math.log(length / (2 * math.pi * n)) / (2 * math.log(base))
+
+    low, high = max(math.floor(pair_turning(cfg.beta_fast)), 0), min(math.ceil(pair_turning(cfg.beta_slow)), d - 1)
+    ramp = torch.tensor([min(max((j - low) / max(high - low, 1e-3), 0.0), 1.0) for j in range(d // 2)],
+                        dtype=torch.float64)
+    freqs = theta / s * ramp + theta * (1 - ramp)
+    mscale = 0.1 * cfg.mscale * math.log(s) + 1
+    return freqs, mscale ** 2 / math.sqrt(cfg.qk_head_dim)
+
+
+def test_attention_with_yarn_equals_the_float64_reference():
+    """A 64-token forward of a model whose original context is 32 tokens (rope_factor 4, mscale
+    0.707): its rotary tables and MLA output against float64 MLA with the reference's frequencies and
+    scale. 16 channel pairs at base 10^4: pair 0 keeps its frequency, pairs 1-2 are blended, 3-15
+    divided by 4. Bounds: the tables' angles are FP32 products of position <= 63 and frequency, good
+    to ~64 eps32 = 1e-5; MLA as tests/test_model.py's FP32-vs-float64 comparison. Without YaRN the
+    reference output moves far beyond that bound."""
+    from conftest import build
+    from test_model import naive_mla
+
+    cfg = ModelConfig(vocab_size=97, dim=32, inter_dim=48, moe_inter_dim=16, n_layers=1, n_dense_layers=1, n_heads=2,
+                      q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=32, v_head_dim=6,
+                      max_seq_len=64, original_seq_len=32, rope_factor=4.0, mscale=0.707, mtp_depth=0,
+                      init_std=0.3)  # attention far from uniform, so positions matter
+    assert cfg.yarn
+    freqs, scale = yarn_reference(cfg)
+    theta = torch.tensor([10000 ** (-2 * j / 32) for j in range(16)], dtype=torch.float64)
+    ratio = freqs / theta
+    assert ratio[0] == 1 and 1 / 4 < ratio[2] < ratio[1] < 1 and torch.all(ratio[3:] == 1 / 4)
+    model = build(cfg)
+    angles = torch.outer(torch.arange(64, dtype=torch.float64), freqs)
+    torch.testing.assert_close(model.rope.cos.double(), angles.cos(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.rope.sin.double(), angles.sin(), rtol=0, atol=1e-5)
+    attn = model.layers["0"].attn
+    x = torch.randn(2, 64, cfg.dim, generator=torch.Generator().manual_seed(0))
+    expected = naive_mla(attn, x, freqs, scale)
+    torch.testing.assert_close(attn(x).double(), expected, rtol=1e-4, atol=1e-6)
+    for wrong in (naive_mla(attn, x, theta, scale), naive_mla(attn, x, freqs, cfg.qk_head_dim ** -0.5)):
+        assert (wrong - expected).abs().max() > 100 * 1e-4 * expected.abs().max()  # each half matters

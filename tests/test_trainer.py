@@ -164,19 +164,94 @@ def test_plot_command_writes_a_png(straight, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).to(x.dtype)
+
+
 def test_bf16_adam_moments_train(tmp_path):
-    t = trainer(tmp_path, "train.steps=3", "train.adam_state_dtype=bfloat16")
-    history = t.run()
-    assert history[-1]["loss"] < history[0]["loss"] + 1
-    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in t.optimizer.state.values())
+    """train.adam_state_dtype=bfloat16: the AdamW that the trainer builds (decay on matrices, none on
+    gains) against AdamW written out in float64 whose stored moments are rounded to BF16 after each
+    update (the step itself uses the unrounded ones, report section 3.3.3: only the stored moments are
+    BF16), over 5 steps of fixed gradients spanning 3 decades; and the run's checkpoint holds BF16
+    moments.
+
+    Bounds, element by element, carried from step to step (u32 = 2^-24, ulp16(x) <= 2^-7 |x|):
+    - FP32 vs float64 arithmetic moves each new moment by <= 4 u32 (|old| + |g| or g^2); the old
+      stored moment's difference enters times beta;
+    - rounding two values that differ by d to BF16 gives values that differ by <= d + ulp16 (one
+      rounding "flips" at most);
+    - the step moves p by lr r, r = m_hat / (sqrt(v_hat) + eps): |dr| from the moments' differences is
+      bounded by evaluating r at the worst corner (|m| + dm, v - dv), plus ~8 u32 |r| of rounding;
+      p's own roundings add ~3 u32 (|p| + lr |r|).
+    Flips are rare (a value must fall within FP32 rounding of a BF16 midpoint), so the stored moments
+    also equal the oracle's exactly in all but a handful of elements: a rounding other than to nearest,
+    or none, differs in about half."""
+    from dsv3.train.optim import build_optimizer
+    import torch.distributed.checkpoint as dcp
+
+    generator = torch.Generator().manual_seed(0)
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(0.1 * torch.randn(64, 48, generator=generator))
+    module.gain = torch.nn.Parameter(1 + 0.1 * torch.randn(48, generator=generator))
+    lr, (b1, b2), eps, wd = 1e-2, (0.9, 0.95), 1e-8, 0.1
+    optimizer = build_optimizer(module, lr, (b1, b2), eps, wd, "bfloat16", torch.device("cpu"))
+    u32 = 2.0 ** -24
+    oracle = {}
+    for name, p in module.named_parameters():
+        zeros = torch.zeros_like(p, dtype=torch.float64)
+        oracle[name] = {"p": p.detach().double(), "m": zeros, "v": zeros, "dp": zeros, "dm": zeros, "dv": zeros,
+                        "decay": wd if p.dim() >= 2 else 0.0}
+    agree = elements = 0
+    for step in range(1, 6):
+        for name, p in module.named_parameters():
+            scale = 10 ** (-3 * torch.rand(p.shape, generator=generator))
+            p.grad = scale * torch.randn(p.shape, generator=generator)
+        optimizer.step()
+        for name, p in module.named_parameters():
+            o, g = oracle[name], p.grad.double()
+            m = b1 * o["m"] + (1 - b1) * g
+            v = b2 * o["v"] + (1 - b2) * g * g
+            dm = b1 * o["dm"] + 4 * u32 * (o["m"].abs() + g.abs())
+            dv = b2 * o["dv"] + 4 * u32 * (o["v"] + g * g)
+            c1, c2 = 1 - b1 ** step, 1 - b2 ** step
+            r = (m / c1) / ((v / c2).sqrt() + eps)
+            worst = ((m.abs() + dm) / c1) / (((v - dv).clamp_min(0) / c2).sqrt() + eps)
+            dr = worst - r.abs() + 8 * u32 * r.abs()
+            o["p"] = o["p"] * (1 - lr * o["decay"]) - lr * r
+            o["dp"] = o["dp"] * (1 - lr * o["decay"]) + lr * dr + 3 * u32 * (o["p"].abs() + lr * r.abs())
+            o["m"], o["v"] = bf16(m), bf16(v)
+            o["dm"] = dm + 2.0 ** -7 * (m.abs() + dm)
+            o["dv"] = dv + 2.0 ** -7 * (v + dv)
+            state = optimizer.state[p]
+            assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+            for key, moment in (("exp_avg", "m"), ("exp_avg_sq", "v")):
+                stored = state[key].double()
+                excess = (stored - o[moment]).abs() - o["d" + moment]
+                assert excess.max() <= 0, f"step {step} {key} of {name}: {excess.max().item():.3g} beyond the bound"
+                agree += int((stored == o[moment]).sum())
+                elements += stored.numel()
+            excess = (p.detach().double() - o["p"]).abs() - o["dp"]
+            assert excess.max() <= 0, f"step {step} {name}: {excess.max().item():.3g} beyond the bound"
+    assert agree >= 0.99 * elements, f"{elements - agree} of {elements} stored moments differ from BF16 rounding"
+
+    trainer(tmp_path, "train.steps=1", "train.adam_state_dtype=bfloat16", "train.eval_batches=1").run()
+    metadata = dcp.FileSystemReader(str(tmp_path / "checkpoints" / "step_00000001")).read_metadata()
+    moments = {k: m.properties.dtype for k, m in metadata.state_dict_metadata.items()
+               if k.startswith("optimizer.") and k.endswith(("exp_avg", "exp_avg_sq"))}
+    assert moments and set(moments.values()) == {torch.bfloat16}, moments  # the default is FP32
 
 
-def test_environment_is_untouched_by_signals(tmp_path):
-    """The handlers are the trainer's only while it runs."""
+def test_environment_is_untouched_by_signals(tmp_path, monkeypatch):
+    """The handlers are the trainer's only while it runs, and W&B's mode goes to wandb.init, not
+    into the environment: a WANDB_MODE set before (to "dryrun", W&B's old name for offline, which
+    the trainer never writes) is still there after an offline run."""
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
     before = signal.getsignal(signal.SIGTERM)
-    trainer(tmp_path, "train.steps=1").run()
+    trainer(tmp_path, "train.steps=1", "train.eval_batches=1", "train.wandb.mode=offline",
+            "train.wandb.project=dsv3-test").run()
     assert signal.getsignal(signal.SIGTERM) is before
-    assert os.environ.get("WANDB_MODE") is None
+    assert os.environ.get("WANDB_MODE") == "dryrun"
+    assert list((tmp_path / "wandb").glob("offline-run-*"))  # W&B did run
 
 
 def test_kill_during_a_save_leaves_the_previous_checkpoint_chosen(tmp_path):
@@ -207,3 +282,31 @@ def test_compile_setting_compiles_each_block_only_where_asked(tmp_path):
     assert all(b._compiled_call_impl is not None for b in on.model.blocks())
     with pytest.raises(ValueError, match="train.compile must be auto, on or off"):
         trainer(tmp_path / "bad", "train.steps=1", "train.compile=yes")
+
+
+def test_batch_ramp_runs_the_scheduled_micro_batches(tmp_path):
+    """train.schedule.batch_ramp_start: the global batch grows linearly from 2 to 8 sequences over the
+    first half of a 1280-token run, read before each step from the tokens trained so far and rounded
+    down to whole micro-batches of 2 (report section 4.2's ramp, scaled), then stays at 8. The metrics
+    record that batch and its tokens at every step, and the loader has handed out exactly those
+    sequences (the final checkpoint's data position), so the steps really ran that many micro-batches."""
+    import torch.distributed.checkpoint as dcp
+
+    seq_len, total, start, end, full, micro = 32, 1280, 2, 0.5, 8, 2
+    expected, tokens = [], 0
+    while tokens < total:  # the ramp, written out
+        p = tokens / total
+        size = full if p >= end else max(micro, int(start + (full - start) * p / end) // micro * micro)
+        expected.append(size)
+        tokens += size * seq_len
+    assert expected == [2, 2, 2, 2, 4, 4, 6, 8, 8, 8]
+    history = trainer(tmp_path, "train.steps=0", f"train.tokens={total}", f"train.global_batch_size={full}",
+                      f"train.schedule.batch_ramp_start={start}", f"train.schedule.batch_ramp_end={end}",
+                      "train.eval_batches=1").run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [r["step"] for r in history] == list(range(1, len(expected) + 1))
+    assert [r["batch_size"] for r in records] == expected
+    assert [r["tokens"] for r in records] == [seq_len * sum(expected[:i + 1]) for i in range(len(expected))]
+    state = {"trainer": {"loader": {"samples_seen": -1}}}
+    dcp.load(state, checkpoint_id=str(tmp_path / "checkpoints" / f"step_{len(expected):08d}"))
+    assert state["trainer"]["loader"]["samples_seen"] == sum(expected)
