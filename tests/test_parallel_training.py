@@ -105,10 +105,6 @@ def test_dualpipe_runs_a_batch_ramp_through_odd_micro_batch_counts(tmp_path):
     assert [r["batch_size"] for r in records(tmp_path).values()] == [8, 8, 12, 12, 16, 16, 16, 16]
 
 
-@pytest.mark.xfail(run=False, reason=(
-    "deadlocks: dcp.async_save in train/checkpoint.py runs DCP's plan gather on the default process group "
-    "from its background thread while the next step's ZeRO-1 reduce-scatter runs on the same group; passes "
-    "when the Checkpointer gives async_save a group of its own (process_group=dist.new_group(backend='gloo'))"))
 def test_async_checkpoints_on_two_ranks_resume_like_the_uninterrupted_run(tmp_path):
     """2 data-parallel ranks (ZeRO-1) save every 2 steps with train.async_checkpoint=true, the writes
     running while the next steps train; resuming from step 2's checkpoint (as if preempted right after

@@ -74,6 +74,10 @@ class Checkpointer:
         self.pending: tuple[Future, Path, Path] | None = None
         self.needed = 0  # bytes the checkpoint being written takes, about
         self.publisher = ThreadPoolExecutor(max_workers=1) if asynchronous else None
+        # An asynchronous save finishes DCP's collectives from a background thread: on a group of
+        # its own, so that they never interleave with the next steps' collectives on the default
+        # group (which deadlocks them both).
+        self.save_group = dist.new_group(backend="gloo") if asynchronous and runtime is not None else None
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, newest first."""
@@ -106,7 +110,7 @@ class Checkpointer:
             warnings.filterwarnings("ignore", message=QUIET)
             try:
                 if self.asynchronous:
-                    written = dcp.async_save(state, checkpoint_id=str(tmp))
+                    written = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.save_group)
                     # The first rank publishes as soon as the write is done, not at the next save.
                     self.pending = (self.publisher.submit(self._publish_when_written, written, tmp, final, config)
                                     if self.is_main else written), tmp, final
