@@ -151,6 +151,11 @@ class Record:
     plan: DispatchPlan | None = None  # exchange parts: the route, for the gradients' way back
 
 
+def _not_a_view(value):
+    """A part's output as a tensor of its own: FP8 layers return views of their (padded) GEMM output."""
+    return value.clone() if torch.is_tensor(value) and value.requires_grad and value._is_view() else value
+
+
 def _cut(t: torch.Tensor) -> torch.Tensor:
     return t.detach().requires_grad_(t.is_floating_point())
 
@@ -181,6 +186,8 @@ class StageRunner:
                 inputs[name] = _cut(value) if records is not None and torch.is_tensor(value) else value
             with self.autocast():
                 outputs = dict(zip(part.writes, part.run(*inputs.values()), strict=True))
+            if records is not None:  # the split backward detaches outputs in place, which a view refuses
+                outputs = {name: _not_a_view(value) for name, value in outputs.items()}
             for name, value in outputs.items():
                 setattr(values, name, value)
             if records is not None:

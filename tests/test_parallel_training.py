@@ -168,11 +168,7 @@ def fp8_one_process(tmp_path_factory):
 
 @pytest.mark.parametrize("schedule, overlap", [
     ("1f1b", False),
-    pytest.param("dualpipe", True, marks=pytest.mark.xfail(run=False, reason=(
-        "fails at the first backward: with precision=fp8, every schedule with a split backward (dualpipe with "
-        "overlap on or off, dualpipev, zbv) reaches torch.distributed.pipelining's stage_backward_input from "
-        "parallel/pipeline.py's backward, which raises \"Can't detach views in-place\"; 1f1b, whose "
-        "backwards are whole, trains"))),
+    ("dualpipe", True),
 ])
 def test_fp8_through_the_pipeline_equals_one_process(tmp_path, fp8_one_process, schedule, overlap):
     """precision=fp8 (the exact emulation on the CPU) over 2 pipeline ranks, with DualPipe's
