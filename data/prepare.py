@@ -257,8 +257,6 @@ def _tokenize(batch, indices, tokenizer_json, seed, fim_rate, spm_rate, validati
 
 def prepare(cfg: DataConfig, seed: int, path: Path) -> TokenStore:
     """Writes the store for `cfg` at `path`, complete or not at all."""
-    import datasets
-
     if cfg.fim_rate > 0 and cfg.tokenizer:
         ids = special_ids(load_tokenizer(cfg.tokenizer), cfg.tokenizer)
         if not ids.has_fim:
