@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch; any torch>=2.10 already in the venv is kept.
+# Installed from pip's configured index when the venv has no torch (which build: that index's;
+# PyPI's Linux x86-64 wheels are CUDA builds); a torch>=2.10 already in the venv is kept.
 TORCH_SPEC ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 

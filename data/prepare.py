@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import sysconfig
+import time
 import zlib
 from pathlib import Path
 
@@ -33,6 +34,7 @@ TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".c", ".h", ".cpp", ".rs", ".go",
 TABLE_SUFFIXES = {".jsonl", ".json", ".parquet"}
 DOCUMENT_SUFFIXES = TEXT_SUFFIXES | TABLE_SUFFIXES
 SHARD_TOKENS = 1 << 28  # 1 GiB of uint32 per shard
+PROGRESS_BYTES = 4_000_000  # tokenisation logs its progress after about this much text
 
 
 def stdlib_root() -> Path:
@@ -232,12 +234,14 @@ def _text_table(table, cfg: DataConfig, name: str):
     return texts.map(lambda batch: {"key": batch["text"]}, batched=True)  # rows are named by their text
 
 
-def _tokenize(batch, indices, tokenizer_json, seed, fim_rate, spm_rate, validation_fraction):
-    """datasets.map worker: split flag, token ids with FIM, and byte counts for a batch of documents."""
+def _tokenize(batch, indices, tokenizer_json, seed, fim_rate, spm_rate, validation_fraction, offset):
+    """datasets.map worker: split flag, token ids with FIM, and byte counts for a batch of documents
+    (indices count from the part's first document, `offset` in the whole dataset)."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(tokenizer_json)
     special = special_ids(tokenizer, "of the store")
+    indices = [offset + i for i in indices]
     validation = [zlib.crc32(key.encode()) / 2**32 < validation_fraction for key in batch["key"]]
     ids, fim = [None] * len(indices), [False] * len(indices)
     for is_validation in (False, True):
@@ -253,8 +257,6 @@ def _tokenize(batch, indices, tokenizer_json, seed, fim_rate, spm_rate, validati
 
 def prepare(cfg: DataConfig, seed: int, path: Path) -> TokenStore:
     """Writes the store for `cfg` at `path`, complete or not at all."""
-    import datasets
-
     if cfg.fim_rate > 0 and cfg.tokenizer:
         ids = special_ids(load_tokenizer(cfg.tokenizer), cfg.tokenizer)
         if not ids.has_fim:
@@ -271,14 +273,7 @@ def prepare(cfg: DataConfig, seed: int, path: Path) -> TokenStore:
         tokenizer = train_bpe(_training_texts(dataset, cfg), cfg.vocab_size)
     special = special_ids(tokenizer, cfg.tokenizer or "trained here")
 
-    tokenized = dataset.map(
-        _tokenize, batched=True, batch_size=64, with_indices=True, num_proc=min(cfg.num_proc, len(dataset)),
-        remove_columns=dataset.column_names, desc="tokenizing",
-        features=datasets.Features({"ids": datasets.Sequence(datasets.Value("uint32")),
-                                    "validation": datasets.Value("bool"), "fim": datasets.Value("bool"),
-                                    "bytes": datasets.Value("int64")}),
-        fn_kwargs={"tokenizer_json": tokenizer.to_str(), "seed": seed, "fim_rate": cfg.fim_rate,
-                   "spm_rate": cfg.fim_spm_rate, "validation_fraction": cfg.validation_fraction})
+    tokenized = _tokenize_in_parts(dataset, tokenizer, cfg, seed)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f"{path.name}.tmp-*"):  # left by an interrupted prepare
@@ -310,6 +305,42 @@ def prepare(cfg: DataConfig, seed: int, path: Path) -> TokenStore:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return TokenStore(path)
+
+
+def _tokenize_in_parts(dataset, tokenizer, cfg: DataConfig, seed: int):
+    """The tokenised dataset, mapped in data.num_proc processes a part of about PROGRESS_BYTES of
+    text at a time, with a log line after each part (they replace datasets' progress bar)."""
+    import datasets
+
+    sizes = [n for batch in dataset.with_format("arrow").iter(batch_size=4096)
+             for n in pyarrow.compute.binary_length(batch["text"]).to_pylist()]
+    total = sum(sizes)
+    log.info("tokenizing %d documents (%.1f MB), data.num_proc=%d", len(sizes), total / 1e6, cfg.num_proc)
+    features = datasets.Features({"ids": datasets.Sequence(datasets.Value("uint32")),
+                                  "validation": datasets.Value("bool"), "fim": datasets.Value("bool"),
+                                  "bytes": datasets.Value("int64")})
+    kwargs = {"tokenizer_json": tokenizer.to_str(), "seed": seed, "fim_rate": cfg.fim_rate,
+              "spm_rate": cfg.fim_spm_rate, "validation_fraction": cfg.validation_fraction}
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    parts, start, done, began = [], 0, 0, time.monotonic()
+    try:
+        while start < len(sizes):
+            end, part_bytes = start, 0
+            while end < len(sizes) and (end == start or part_bytes + sizes[end] <= PROGRESS_BYTES):
+                part_bytes += sizes[end]
+                end += 1
+            part = dataset.select(range(start, end))
+            parts.append(part.map(_tokenize, batched=True, batch_size=64, with_indices=True,
+                                  num_proc=min(cfg.num_proc, end - start), remove_columns=part.column_names,
+                                  features=features, fn_kwargs={**kwargs, "offset": start}))
+            done, start = done + part_bytes, end
+            log.info("tokenized %.1f of %.1f MB (%d%%) in %.1f s", done / 1e6, total / 1e6,
+                     100 * done // max(total, 1), time.monotonic() - began)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    return datasets.concatenate_datasets(parts)
 
 
 def _training_texts(dataset, cfg: DataConfig):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+log = logging.getLogger("dsv3.data")
 
 # What a trained tokenizer calls its special tokens, in this order.
 SPECIAL_TOKENS = {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>",
@@ -36,13 +40,25 @@ class SpecialIds:
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """A byte-level BPE (every byte is a token, so nothing is ever unknown) with our special tokens."""
+    """A byte-level BPE (every byte is a token, so nothing is ever unknown) with our special tokens.
+    Logs the text it was trained on and the time taken when done."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer)
+    read = 0
+
+    def counted():
+        nonlocal read
+        for text in texts:
+            read += len(text.encode("utf-8"))
+            yield text
+
+    began = time.monotonic()
+    tokenizer.train_from_iterator(counted(), trainer)
+    log.info("trained a byte-level BPE of %d tokens on %.1f MB of text in %.1f s",
+             tokenizer.get_vocab_size(), read / 1e6, time.monotonic() - began)
     return tokenizer
 
 

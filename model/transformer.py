@@ -109,13 +109,23 @@ class Transformer(nn.Module):
 
     def losses(self, h: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
         """The head of the model: main loss from the last layer's output h, then the MTP modules
-        (whose balance losses the output carries)."""
-        main_loss = linear_cross_entropy(self.norm(h), self.head.weight, targets)
+        (whose balance losses the output carries).
+
+        Each depth takes the tensor the shared head saw one depth earlier: depth 1 the output of the
+        final norm, depth k > 1 that of depth k-1's norm. Megatron-Core trains MTP this way
+        (NVIDIA/Megatron-LM, megatron/core/transformer/multi_token_prediction.py), and vLLM runs
+        DeepSeek-V3's released MTP module on the final-normed hidden state (vllm-project/vllm,
+        vllm/model_executor/models/deepseek_mtp.py and deepseek_v2.py). The report (section 2.2,
+        eq. 21) calls h^0 the representation given by the main model, without saying which.
+        """
+        h = self.norm(h)
+        main_loss = linear_cross_entropy(h, self.head.weight, targets)
         mtp_losses, balance_loss = [], h.new_zeros((), dtype=torch.float32)
         for k, module in enumerate(self.mtp, start=1):
-            h, layer_loss = module(h[:, :-1], self.embed(tokens[:, k:]))  # h^{k-1} holds seq-k+1 positions
+            out, layer_loss = module(h[:, :-1], self.embed(tokens[:, k:]))  # h^{k-1} holds seq-k+1 positions
             balance_loss = balance_loss + layer_loss
-            mtp_losses.append(linear_cross_entropy(module.norm(h), self.head.weight, targets[:, k:]))
+            h = module.norm(out)
+            mtp_losses.append(linear_cross_entropy(h, self.head.weight, targets[:, k:]))
         return ModelOutput(main_loss, mtp_losses, balance_loss)
 
     def blocks(self) -> list[Block]:

@@ -1,6 +1,8 @@
 """The data pipeline: FIM layout and rate, lossless packing, the store, and the resumable,
 rank-sharded loader; bad input fails with one sentence and leaves nothing half-written."""
 import json
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from tokenizers import Tokenizer
 from dsv3.data.config import DataConfig
 from dsv3.data.fim import encode_documents, fim_plan
 from dsv3.data.loader import FeistelPermutation, TokenLoader
+from dsv3.data import prepare as prepare_module
 from dsv3.data.prepare import open_store, store_path
 from dsv3.data.store import SplitStream, SplitWriter, TokenStore
 from dsv3.data.synthetic import SyntheticLoader
@@ -119,6 +122,23 @@ def test_prepared_store_holds_every_document_once(tmp_path, corpus):
         assert store.meta["splits"][name]["bytes"] == sum(len(tokenizer.decode(d[:-1].tolist()).encode()) for d in docs)
     assert sorted(seen) == sorted(texts.values())  # nothing lost, nothing duplicated
     assert 0 < store.meta["splits"]["validation"]["documents"] < len(texts)
+
+
+def test_prepare_logs_bpe_and_tokenisation_progress_and_parts_change_nothing(tmp_path, corpus, monkeypatch, caplog):
+    whole = open_store(data_cfg(tmp_path, fim_rate=0.5, cache_dir=str(tmp_path / "whole")), seed=0)
+    monkeypatch.setattr(prepare_module, "PROGRESS_BYTES", 1000)  # the 60 documents hold about 4 KB
+    caplog.set_level(logging.INFO, logger="dsv3.data")
+    parts = open_store(data_cfg(tmp_path, fim_rate=0.5, cache_dir=str(tmp_path / "parts")), seed=0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(re.fullmatch(r"trained a byte-level BPE of 300 tokens on 0\.0 MB of text in [0-9.]+ s", m)
+               for m in messages)
+    assert "tokenizing 60 documents (0.0 MB), data.num_proc=1" in messages
+    progress = [m for m in messages if m.startswith("tokenized ")]
+    assert len(progress) >= 3 and progress[-1].startswith("tokenized 0.0 of 0.0 MB (100%) in ")
+    for name in ("train", "validation"):  # FIM plans follow the document's index in the whole dataset
+        a, b = whole.split(name), parts.split(name)
+        np.testing.assert_array_equal(a.read(0, a.n_tokens), b.read(0, b.n_tokens))
+    assert whole.meta["splits"] == parts.meta["splits"]
 
 
 def test_store_is_cached_and_keyed_by_its_settings(tmp_path, corpus):

@@ -2,6 +2,8 @@
 import json
 import subprocess
 import sys
+from importlib.metadata import distribution
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -62,12 +64,26 @@ def test_summary_prints_named_values():
     ("dsv3.train.plot", "usage:"),
     ("dsv3.launch", "usage: dsv3-launch"),
     ("dsv3.parallel.schedules", "usage:"),
+    ("dsv3.launch.allocation", "usage: python -m dsv3.launch.allocation"),
 ])
 def test_every_entry_point_answers_help(module, usage, tmp_path):
     """--help prints usage and exits 0, without composing a recipe or writing anything."""
     result = run("-m", module, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert usage in result.stdout
+    assert not list(tmp_path.iterdir())
+
+
+def test_every_console_script_answers_help(tmp_path):
+    """The scripts setup.py installs answer --help too, run as a user runs them from the venv."""
+    usages = {"dsv3-train": "Configuration groups", "dsv3-launch": "usage: dsv3-launch"}
+    scripts = {e.name for e in distribution("dsv3").entry_points if e.group == "console_scripts"}
+    assert scripts == set(usages)
+    for name, usage in usages.items():
+        result = subprocess.run([str(Path(sys.executable).parent / name), "--help"], capture_output=True,
+                                text=True, cwd=tmp_path, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert usage in result.stdout, name
     assert not list(tmp_path.iterdir())
 
 

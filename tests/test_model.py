@@ -1,4 +1,6 @@
 """The Transformer: MLA against a naive reference, causality, MTP offsets, init, and overfitting."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,10 +85,10 @@ def test_mtp_depth_k_predicts_token_i_plus_k_plus_1_without_leaking_it(tiny_cfg)
         h = model.embed(inp)
         for layer in model.layers.values():
             h, _ = layer(h)
-        logits = []
+        h, logits = model.norm(h), []
         for k, module in enumerate(model.mtp, start=1):
-            h, _ = module(h[:, :-1], model.embed(inp[:, k:]))
-            logits.append(model.head(module.norm(h)))
+            h = module.norm(module(h[:, :-1], model.embed(inp[:, k:]))[0])
+            logits.append(model.head(h))
         return logits
 
     logits = mtp_logits(inputs)
@@ -102,6 +104,46 @@ def test_mtp_depth_k_predicts_token_i_plus_k_plus_1_without_leaking_it(tiny_cfg)
         moved = mtp_logits(changed)[k - 1]
         torch.testing.assert_close(moved[:, :j - k], depth_logits[:, :j - k], rtol=0, atol=1e-6)
         assert (moved[:, j - k] - depth_logits[:, j - k]).abs().max() > 1e-3
+
+
+def reference_mtp_losses(model, tokens, targets, normed_input: bool) -> list[torch.Tensor]:
+    """MTP losses in float64 with the norms written out; depth k is fed the head's input at depth
+    k-1 (normed_input) or the un-normed output of the main model and of depth k-1."""
+    model = copy.deepcopy(model).double()
+
+    def rms(v, norm):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+
+    h = model.embed(tokens)
+    for layer in model.layers.values():
+        h, _ = layer(h)
+    prev, losses = (rms(h, model.norm) if normed_input else h), []
+    for k, module in enumerate(model.mtp, start=1):
+        emb = model.embed(tokens[:, k:])
+        x = torch.cat([rms(emb, module.enorm), rms(prev[:, :-1], module.hnorm)], -1) @ module.eh_proj.weight.T
+        out, _ = module.block(x)
+        logits = rms(out, module.norm) @ model.head.weight.T
+        losses.append(F.cross_entropy(logits.flatten(0, 1), targets[:, k:].flatten()))
+        prev = rms(out, module.norm) if normed_input else out
+    return losses
+
+
+def test_mtp_depth_1_takes_the_final_normed_hidden_state(tiny_cfg):
+    """With norm gains away from 1, feeding the final norm's output (as Megatron-Core trains and vLLM
+    runs DeepSeek-V3's MTP weights) and feeding the un-normed hidden state give different losses."""
+    model = build(tiny_cfg)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.empty_like(p).uniform_(0.3, 3.0, generator=generator))
+    tokens = torch.randint(tiny_cfg.vocab_size, (2, 17), generator=generator)
+    out = model(tokens[:, :-1], tokens[:, 1:])
+    normed = reference_mtp_losses(model, tokens[:, :-1], tokens[:, 1:], normed_input=True)
+    unnormed = reference_mtp_losses(model, tokens[:, :-1], tokens[:, 1:], normed_input=False)
+    for k in range(tiny_cfg.mtp_depth):
+        torch.testing.assert_close(out.mtp_losses[k].double(), normed[k], rtol=1e-5, atol=1e-5)
+        assert (out.mtp_losses[k].double() - unnormed[k]).abs() > 1e-3
 
 
 def test_total_loss_combines_main_mtp_and_balance(tiny_cfg):

@@ -16,6 +16,7 @@ README = ROOT / "README.md"
 NOT_ON_CPU = {
     "make train": "the whole default run: tests/test_train.py runs its exact command",
     "make test": "the test suite itself",
+    "python3 -m venv .venv && .venv/bin/pip install torch": "downloads torch from the PyTorch index",
     "dsv3-train model=small schedule=v3": "model=small at 4096 tokens needs a GPU",
     "torchrun --standalone --nproc-per-node 4 -m dsv3.train model=small": "model=small on 4 GPUs",
     "dsv3-launch local model=small": "model=small on the GPUs of this machine",
