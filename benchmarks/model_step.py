@@ -15,7 +15,6 @@ import json
 import resource
 import time
 import warnings
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,9 @@ from dsv3.model import count
 from dsv3.model.attention import causal_attention
 from dsv3.model.moe import RoutedExperts, grouped_mm_supported
 from dsv3.train.config import compose
-from dsv3.train.loop import build_model
+from dsv3.parallel.runtime import Runtime
+from dsv3.train.build import build_model
+from dsv3.train.engine import autocast
 from dsv3.train.optim import build_optimizer
 
 H100_BF16_DENSE_PEAK = 989.4e12  # datasheet, SXM; MFU is quoted against this
@@ -53,10 +54,6 @@ def median_ms(fn, warmup=3, iters=10, cuda: bool | None = None) -> float:
             times.append((time.perf_counter() - begin) * 1e3)
     return sorted(times)[len(times) // 2]
 
-
-def autocast(device: torch.device):
-    """BF16 autocast on a GPU; FP32 on the CPU, as the trainer runs there."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def peak_gib(device: torch.device) -> float:
@@ -130,7 +127,7 @@ def step_rows(model_name: str, micro_batch: int, steps: int, device, warmup=3) -
     cfg = OmegaConf.to_object(compose([f"model={model_name}", "data=synthetic", "train.run_dir=/tmp/unused"]))
     model_cfg, tc = cfg.model, cfg.train
     seq = model_cfg.max_seq_len
-    model = build_model(model_cfg, device, seed=0)
+    model = build_model(model_cfg, device, 0, Runtime())
     optimizer = build_optimizer(model, tc.schedule.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay,
                                 tc.adam_state_dtype, device)
     tokens = torch.randint(model_cfg.vocab_size, (micro_batch, seq + 1), device=device)

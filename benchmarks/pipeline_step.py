@@ -24,7 +24,7 @@ import json
 import time
 import warnings
 from collections import defaultdict
-from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,7 +42,8 @@ from dsv3.parallel.replicated import Replicas
 from dsv3.parallel.runtime import start, stop
 from dsv3.parallel.schedules import Costs, Placement, build, simulate
 from dsv3.train.config import compose
-from dsv3.train.loop import build_model
+from dsv3.train.build import build_model
+from dsv3.train.engine import autocast
 
 RUNS = [("1f1b", False), ("zbv", False), ("dualpipev", False), ("dualpipev", True), ("dualpipe", True)]
 
@@ -111,7 +112,6 @@ def main() -> None:
     device, runtime = start(ParallelConfig(pp=args.pp, ep=args.ep), cfg.n_routed_experts, "cpu" if args.smoke else "cuda")
     cuda = device.type == "cuda"  # (on CPU the script runs as a smoke test; the figures need GPUs)
     lines, line = pipeline_lines(runtime.mesh)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
     generator = torch.Generator().manual_seed(runtime.data_rank)
     micro = [torch.randint(cfg.vocab_size, (args.micro_batch, cfg.max_seq_len + 1), generator=generator).to(device)
              for _ in range(args.micro_batches)]
@@ -127,7 +127,8 @@ def main() -> None:
         cut = Cut(placement, split_layers(cfg.n_layers, placement.n_model_stages, []), mtp=cfg.mtp_depth > 0)
         model = build_model(cfg, device, 0, runtime, cut)
         replicas = Replicas(model, cut, lines, line)
-        pipe = Pipeline(model, cut, runtime.pp_rank, StageLinks(placement, lines, line, device), overlap, autocast)
+        pipe = Pipeline(model, cut, runtime.pp_rank, StageLinks(placement, lines, line, device), overlap,
+                        partial(autocast, device))
 
         def step(pipe=pipe, replicas=replicas, model=model):
             losses = pipe.train_step(micro, 0.3)

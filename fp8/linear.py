@@ -14,7 +14,6 @@ Triton GEMMs (`grouped.py`), and both the exact emulation elsewhere.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv3.model.moe import RoutedExperts, compute_dtype

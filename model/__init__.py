@@ -2,7 +2,7 @@
 from .config import ModelConfig
 from .counting import ModelCounts, count
 from .moe import MoE, Router, update_expert_bias
-from .transformer import ModelOutput, Transformer
+from .transformer import ModelOutput, Transformer, total_loss
 
 __all__ = ["ModelConfig", "ModelCounts", "count", "MoE", "Router", "update_expert_bias",
-           "ModelOutput", "Transformer"]
+           "ModelOutput", "Transformer", "total_loss"]

@@ -59,6 +59,11 @@ class MTPModule(nn.Module):
         return self.block(h)
 
 
+def total_loss(main, mtp, balance, mtp_weight: float):
+    """The training objective, L_main + lambda L_MTP + L_balance, of tensors or of their values."""
+    return main + mtp_weight * mtp + balance
+
+
 @dataclass
 class ModelOutput:
     main_loss: torch.Tensor  # next-token cross-entropy
@@ -73,7 +78,7 @@ class ModelOutput:
         return torch.stack(self.mtp_losses).mean()
 
     def total(self, mtp_weight: float) -> torch.Tensor:
-        return self.main_loss + mtp_weight * self.mtp_loss + self.balance_loss
+        return total_loss(self.main_loss, self.mtp_loss, self.balance_loss, mtp_weight)
 
 
 class Transformer(nn.Module):

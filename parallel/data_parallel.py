@@ -1,4 +1,5 @@
-"""Data-parallel gradient reduction, the global gradient norm, and router-load sums.
+"""Gradients of one process and data-parallel gradient reduction, with the global gradient norm.
+Every layout's gradients (these and ZeRO-1's ShardedGradients) offer reduce, norm and scale.
 
 Each rank's loss is the mean over its own tokens, so the loss of the global batch is the mean of
 the dp * ep ranks' losses. Dense gradients are identical in shape on every rank of a stage: they
@@ -33,7 +34,29 @@ def _all_reduce_(tensors: list[torch.Tensor], group: dist.ProcessGroup, scale: f
         tensor.copy_(reduced)
 
 
-class GradientSync:
+class LocalGradients:
+    """The gradients of one process, as backward left them."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = list(params)
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.params if p.grad is not None]
+
+    def reduce(self) -> None:
+        """Nothing to sum over: one rank."""
+
+    def norm(self) -> torch.Tensor:
+        return torch.nn.utils.get_total_norm(self._grads())
+
+    @torch.no_grad()
+    def scale(self, factor: torch.Tensor) -> None:
+        torch._foreach_mul_(self._grads(), factor)
+
+
+class AllReducedGradients:
+    """Whole gradients on every data-parallel rank, summed over the ranks that share them."""
+
     def __init__(self, model: torch.nn.Module, stage_group: dist.ProcessGroup, dp_group: dist.ProcessGroup,
                  ep_group: dist.ProcessGroup, pp_group: dist.ProcessGroup | None = None,
                  copies: dict[str, int] | None = None):
@@ -51,21 +74,20 @@ class GradientSync:
         _all_reduce_([p.grad for p in self.experts if p.grad is not None], self.dp_group, scale)
 
     @torch.no_grad()
-    def clip_(self, max_norm: float) -> torch.Tensor:
-        """Clips to a global norm over every parameter of the model (experts of all ep ranks and
-        layers of all pipeline ranks included); returns the norm before clipping."""
-        dense = [p.grad for p in self.dense if p.grad is not None]
-        experts = [p.grad for p in self.experts if p.grad is not None]
+    def norm(self) -> torch.Tensor:
+        """The global norm over every parameter of the model (experts of all ep ranks and layers of
+        all pipeline ranks included)."""
         squares = torch.stack([torch.linalg.vector_norm(p.grad).square() * self.weight[id(p)]
                                for p in self.dense if p.grad is not None]).sum()
         expert_squares = (torch.stack([torch.linalg.vector_norm(p.grad).square() * self.weight[id(p)]
                                        for p in self.experts if p.grad is not None]).sum()
-                          if experts else torch.zeros_like(squares))
+                          if any(p.grad is not None for p in self.experts) else torch.zeros_like(squares))
         dist.all_reduce(expert_squares, group=self.ep_group)  # each ep rank holds different experts
         squares = squares + expert_squares
         if self.pp_group is not None:  # each pipeline rank holds different layers
             dist.all_reduce(squares, group=self.pp_group)
-        norm = squares.sqrt()
-        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        torch._foreach_mul_(dense + experts, factor)
-        return norm
+        return squares.sqrt()
+
+    @torch.no_grad()
+    def scale(self, factor: torch.Tensor) -> None:
+        torch._foreach_mul_([p.grad for p in self.dense + self.experts if p.grad is not None], factor)

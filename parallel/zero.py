@@ -4,9 +4,10 @@ Parameters are grouped into flat buckets that share a process group and a weight
 matrices and dense norm gains over the stage's dp * ep ranks, routed experts over dp. For each
 bucket, one step is:
   1. reduce-scatter the flattened gradients: rank r receives the sum of slice r (then / dp*ep);
-  2. the global gradient norm from the slices (one all-reduce over the stage) and clipping;
-  3. AdamW on slice r only, with slice r's moments, the only moments this rank keeps;
-  4. all-gather the updated slices back into every rank's full FP32 parameters.
+  2. the global gradient norm from the slices (one all-reduce over the stage) and clipping
+     (ShardedGradients: reduce, norm, scale, like the gradients of every other layout);
+  3. AdamW (adamw_) on slice r only, with slice r's moments, the only moments this rank keeps;
+  4. all-gather the updated slices back into every rank's full FP32 parameters (ZeroAdamW.step).
 Parameters are views of one flat buffer per bucket, which the all-gather fills in place.
 Memory for moments falls by the bucket's group size; communication equals one all-reduce.
 Checkpoints store the moments per parameter, whole (see state_dict), so any layout can load them.
@@ -18,6 +19,8 @@ import math
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors
+
+from .adamw import adamw_
 
 
 class Bucket:
@@ -43,27 +46,23 @@ class Bucket:
             offset += p.numel()
         self.exp_avg = torch.zeros(self.shard, dtype=state_dtype, device=device)
         self.exp_avg_sq = torch.zeros(self.shard, dtype=state_dtype, device=device)
+        self.grad: torch.Tensor | None = None  # this rank's slice of the summed gradient, reduce to step
 
     def padded(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         flat = _flatten_dense_tensors([t.float() for t in tensors])
         return torch.nn.functional.pad(flat, (0, self.shard * self.world - self.numel))
 
 
-class ZeroAdamW:
-    """AdamW whose moments live in slices across ranks; `step` does reduce, clip, update, gather."""
+class ShardedGradients:
+    """ZeRO-1's gradients: each bucket's summed over its group by a reduce-scatter, this rank keeping
+    its slice (in `bucket.grad`, which the step consumes); the whole gradients are freed on the way."""
 
-    def __init__(self, buckets: list[Bucket], stage_group: dist.ProcessGroup, data_parallel: int, lr: float,
-                 betas: tuple[float, float], eps: float, pp_group: dist.ProcessGroup | None = None):
-        self.buckets, self.stage_group, self.data_parallel = buckets, stage_group, data_parallel
-        self.pp_group = pp_group
-        self.lr, self.betas, self.eps = lr, betas, eps
-        self.steps = 0
+    def __init__(self, buckets: list[Bucket], stage_group: dist.ProcessGroup, data_parallel: int,
+                 pp_group: dist.ProcessGroup | None = None):
+        self.buckets, self.stage_group, self.data_parallel, self.pp_group = buckets, stage_group, data_parallel, pp_group
 
     @torch.no_grad()
-    def step(self, max_norm: float) -> torch.Tensor:
-        """Reduces the gradients, clips them to `max_norm`, updates; returns the norm before clipping."""
-        squares = torch.zeros((), device=self.buckets[0].flat.device)
-        grads = []  # this rank's slice of each bucket's summed gradient
+    def reduce(self) -> None:
         for bucket in self.buckets:
             full = bucket.padded([p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params])
             for p in bucket.params:  # the gradients are in `full` now; free them before the update
@@ -71,32 +70,43 @@ class ZeroAdamW:
             grad = torch.empty(bucket.shard, dtype=torch.float32, device=full.device)
             dist.reduce_scatter_tensor(grad, full, group=bucket.group)
             del full
-            grads.append(grad.div_(self.data_parallel))
-            squares += grad.square().sum() / bucket.copies
+            bucket.grad = grad.div_(self.data_parallel)
+
+    @torch.no_grad()
+    def norm(self) -> torch.Tensor:
+        squares = torch.zeros((), device=self.buckets[0].flat.device)
+        for bucket in self.buckets:
+            squares += bucket.grad.square().sum() / bucket.copies
         dist.all_reduce(squares, group=self.stage_group)  # every slice of every bucket, experts of all ep ranks
         if self.pp_group is not None:
             dist.all_reduce(squares, group=self.pp_group)  # every pipeline rank's layers
-        norm = squares.sqrt()
-        clip = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        self.steps += 1
-        beta1, beta2 = self.betas
-        for bucket, grad in zip(self.buckets, grads):
-            grad.mul_(clip)
-            master = bucket.flat[bucket.start:bucket.start + bucket.shard]  # this rank's FP32 slice
-            exp_avg = bucket.exp_avg.float().lerp_(grad, 1 - beta1)
-            exp_avg_sq = bucket.exp_avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            bucket.exp_avg.copy_(exp_avg)
-            bucket.exp_avg_sq.copy_(exp_avg_sq)
-            master.mul_(1 - self.lr * bucket.weight_decay)
-            denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** self.steps)).add_(self.eps)
-            master.addcdiv_(exp_avg, denom, value=-self.lr / (1 - beta1 ** self.steps))
-            dist.all_gather_into_tensor(bucket.flat, master.clone(), group=bucket.group)
-        return norm
+        return squares.sqrt()
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    @torch.no_grad()
+    def scale(self, factor: torch.Tensor) -> None:
         for bucket in self.buckets:
-            for p in bucket.params:
-                p.grad = None
+            bucket.grad.mul_(factor)
+
+
+class ZeroAdamW(torch.optim.Optimizer):
+    """AdamW whose moments live in slices across ranks: one param group per bucket; `step` updates
+    this rank's slice from the gradient slice ShardedGradients left, then all-gathers the slices."""
+
+    def __init__(self, buckets: list[Bucket], lr: float, betas: tuple[float, float], eps: float):
+        groups = [{"params": bucket.params, "weight_decay": bucket.weight_decay} for bucket in buckets]
+        super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
+        self.buckets = buckets
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        self.steps += 1
+        for bucket, group in zip(self.buckets, self.param_groups):
+            master = bucket.flat[bucket.start:bucket.start + bucket.shard]  # this rank's FP32 slice
+            adamw_(master, bucket.grad, bucket.exp_avg, bucket.exp_avg_sq, self.steps, group["lr"], group["betas"],
+                   group["eps"], group["weight_decay"])
+            bucket.grad = None
+            dist.all_gather_into_tensor(bucket.flat, master.clone(), group=bucket.group)
 
     # --- checkpoints: whole per-parameter moments, as torch's optimizers have them ---------------
 
@@ -114,9 +124,11 @@ class ZeroAdamW:
                                "exp_avg": moments[0][offset:offset + p.numel()].view_as(p),
                                "exp_avg_sq": moments[1][offset:offset + p.numel()].view_as(p)}
                 offset += p.numel()
-        return {"state": state, "param_groups": [{"lr": self.lr, "betas": self.betas, "eps": self.eps}]}
+        groups = [{key: value for key, value in group.items() if key != "params"} for group in self.param_groups]
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state: dict) -> None:
+        """Loads the moments and step; the hyper-parameters stay the config's."""
         per_param = state["state"]
         for bucket in self.buckets:
             for local, key in ((bucket.exp_avg, "exp_avg"), (bucket.exp_avg_sq, "exp_avg_sq")):
@@ -126,7 +138,8 @@ class ZeroAdamW:
 
 
 def build_zero_adamw(model: torch.nn.Module, runtime, lr: float, betas: tuple[float, float], eps: float,
-                     weight_decay: float, state_dtype: torch.dtype, copies: dict[str, int] | None = None) -> ZeroAdamW:
+                     weight_decay: float, state_dtype: torch.dtype, copies: dict[str, int] | None = None
+                     ) -> tuple[ZeroAdamW, ShardedGradients]:
     """Buckets: dense matrices (decayed) and dense gains (not) over the stage; experts over dp;
     each split by how many pipeline ranks hold the parameters (`copies`, by name)."""
     from .data_parallel import split_parameters
@@ -144,4 +157,5 @@ def build_zero_adamw(model: torch.nn.Module, runtime, lr: float, betas: tuple[fl
             chosen = [p for p in params if copies.get(names[id(p)], 1) == k]
             buckets.append(Bucket([names[id(p)] for p in chosen], chosen, group, decay, state_dtype, k))
     pp_group = runtime.pp_group if runtime.layout.pp > 1 else None
-    return ZeroAdamW(buckets, stage, runtime.layout.data_parallel, lr, betas, eps, pp_group)
+    return (ZeroAdamW(buckets, lr, betas, eps),
+            ShardedGradients(buckets, stage, runtime.layout.data_parallel, pp_group))

@@ -39,11 +39,12 @@ def partial_write(mountpoint: Path) -> dict:
     """A payload the size estimate does not count (pickled bytes) fills the disk half-way through."""
     import warnings
 
+    from dsv3.parallel.runtime import Runtime
     from dsv3.train.checkpoint import Checkpointer
     from dsv3.train.storage import DiskFull
 
     mount(mountpoint, "8m")
-    checkpointer = Checkpointer(mountpoint / "checkpoints", keep=3)
+    checkpointer = Checkpointer(mountpoint / "checkpoints", keep=3, runtime=Runtime())
     warnings.filterwarnings("ignore")
     try:
         checkpointer.save(1, {"payload": os.urandom(16 * 2**20)}, "seed: 0\n")

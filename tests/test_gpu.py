@@ -41,14 +41,15 @@ def test_grouped_experts_equal_the_loop_on_gpu():
 
 
 def test_tiny_model_on_gpu_matches_cpu():
-    from dsv3.train.loop import build_model
+    from dsv3.parallel.runtime import Runtime
+    from dsv3.train.build import build_model
 
     cfg = ModelConfig(vocab_size=512, dim=128, inter_dim=256, moe_inter_dim=64, n_layers=3, n_dense_layers=1,
                       n_heads=4, n_routed_experts=8, n_activated_experts=2, n_expert_groups=2, n_limited_groups=1,
                       route_scale=2.5, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
                       v_head_dim=32, max_seq_len=64, mtp_depth=1, init_std=0.02)
-    cpu_model = build_model(cfg, torch.device("cpu"), seed=0)
-    gpu_model = build_model(cfg, torch.device("cuda"), seed=0)
+    cpu_model = build_model(cfg, torch.device("cpu"), 0, Runtime())
+    gpu_model = build_model(cfg, torch.device("cuda"), 0, Runtime())
     gpu_model.load_state_dict(cpu_model.state_dict())  # CUDA and CPU generators draw different values
     tokens = torch.randint(cfg.vocab_size, (4, 65), generator=torch.Generator().manual_seed(0))
     reference = cpu_model(tokens[:, :-1], tokens[:, 1:])
@@ -179,6 +180,7 @@ def test_chunked_head_loss_on_gpu_equals_fp64_plain_form():
 def test_clipped_fused_adamw_on_gpu_equals_clip_grad_norm_then_step():
     """The clip factor as fused AdamW's gradient divisor on the GPU, against clip_grad_norm_ and the
     same fused step: float32, a few ulps apart (a division where the reference multiplies)."""
+    from dsv3.parallel.data_parallel import LocalGradients
     from dsv3.train.optim import clipped_step
 
     generator = torch.Generator("cuda").manual_seed(0)
@@ -192,7 +194,7 @@ def test_clipped_fused_adamw_on_gpu_equals_clip_grad_norm_then_step():
             for p, g in zip(params, grads):
                 p.grad = g.clone()
             if ours:
-                norm = clipped_step(optimizer, params, 1.0)
+                norm = clipped_step(optimizer, LocalGradients(params), 1.0)
             else:
                 norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()

@@ -4,7 +4,6 @@ submission. They use a cluster that already answers `sinfo`; DSV3_START_SLURM=1 
 and start one on this machine first (root, apt), which a plain test run never does. Without SLURM
 these tests skip with the reason, unless DSV3_REQUIRE_SLURM=1 (CI, which sets both)."""
 import json
-import os
 import re
 import subprocess
 import sys

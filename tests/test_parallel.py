@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 from dsv3.model import ModelConfig, Transformer, update_expert_bias
 from dsv3.parallel.config import ParallelConfig
-from dsv3.parallel.data_parallel import GradientSync
+from dsv3.parallel.data_parallel import AllReducedGradients
 from dsv3.parallel.expert_parallel import shard_experts
 from dsv3.parallel.mesh import build_mesh, data_parallel_rank, resolve_layout, stage_group
 
@@ -32,8 +32,9 @@ def build(ep_group=None) -> Transformer:
     return model
 
 
-def train_steps(model, batches, reduce=None, clip=None, all_reduce=None, steps=3):
-    """A few SGD steps with bias updates; returns per-step losses, grads of the first step, biases."""
+def train_steps(model, batches, gradients=None, all_reduce=None, steps=3):
+    """A few SGD steps with bias updates; returns per-step losses, grads of the first step, biases.
+    `gradients` (reduce, norm, scale) clips as the trainer does; without: clip_grad_norm_."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     losses, first_grads = [], None
     for step in range(steps):
@@ -41,9 +42,12 @@ def train_steps(model, batches, reduce=None, clip=None, all_reduce=None, steps=3
         out = model(tokens[:, :-1], tokens[:, 1:])
         loss = out.total(0.3)
         loss.backward()
-        if reduce:
-            reduce()
-        norm = clip(1.0) if clip else torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if gradients is None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        else:
+            gradients.reduce()
+            norm = gradients.norm()
+            gradients.scale(torch.clamp(1.0 / (norm + 1e-6), max=1.0))
         if first_grads is None:
             first_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         optimizer.step()
@@ -59,7 +63,7 @@ def parallel_worker(rank, world_size, ep):
     mesh = build_mesh(layout, "cpu")
     stage = stage_group(mesh)
     model = build(mesh.get_group("ep"))
-    sync = GradientSync(model, stage, mesh.get_group("dp"), mesh.get_group("ep"))
+    gradients = AllReducedGradients(model, stage, mesh.get_group("dp"), mesh.get_group("ep"))
     data_rank, per_rank = data_parallel_rank(mesh), BATCH // layout.data_parallel
 
     def my_batch(step):
@@ -68,7 +72,7 @@ def parallel_worker(rank, world_size, ep):
     def all_reduce(t):
         dist.all_reduce(t, group=stage)
 
-    losses, grads, biases = train_steps(model, my_batch, sync.reduce, sync.clip_, all_reduce)
+    losses, grads, biases = train_steps(model, my_batch, gradients, all_reduce)
     mean_losses = []
     for loss, norm in losses:  # the global batch's loss is the mean of the ranks' losses
         total = loss.clone()
@@ -142,15 +146,16 @@ def experts_of(state: dict, first: int, local: int) -> dict:
 def zero_worker(rank, world_size, ep, starts):
     """One ZeRO-1 step from each snapshot in `starts`, so that every step starts where the reference's
     did; returns the norm, parameters and moments after each."""
-    from dsv3.parallel.runtime import Runtime
+    from dsv3.parallel.runtime import DistributedRuntime
     from dsv3.parallel.zero import build_zero_adamw
+    from dsv3.train.optim import clipped_step
 
     layout = resolve_layout(ParallelConfig(ep=ep), world_size, CFG["n_routed_experts"])
     mesh = build_mesh(layout, "cpu")
-    runtime = Runtime(layout, mesh, rank, data_parallel_rank(mesh), stage_group(mesh))
+    runtime = DistributedRuntime(layout, mesh, rank, data_parallel_rank(mesh), stage_group(mesh))
     model = build(runtime.ep_group)
-    optimizer = build_zero_adamw(model, runtime, lr=LR, betas=BETAS, eps=EPS, weight_decay=DECAY,
-                                 state_dtype=torch.float32)
+    optimizer, gradients = build_zero_adamw(model, runtime, lr=LR, betas=BETAS, eps=EPS, weight_decay=DECAY,
+                                            state_dtype=torch.float32)
     first, per_rank = model.layers["1"].ffn.experts.first_expert, BATCH // layout.data_parallel
     steps = []
     for step, start in enumerate(starts):
@@ -161,7 +166,7 @@ def zero_worker(rank, world_size, ep, starts):
         optimizer.load_state_dict({"state": {n: {**s, "step": torch.tensor(float(step))} for n, s in start.items()}})
         tokens = global_batch(step)[runtime.data_rank * per_rank:(runtime.data_rank + 1) * per_rank]
         model(tokens[:, :-1], tokens[:, 1:]).total(0.3).backward()
-        norm = optimizer.step(max_norm=0.5)
+        norm = clipped_step(optimizer, gradients, max_norm=0.5)
         moments = optimizer.state_dict()["state"]  # whole per-parameter moments, as checkpoints store them
         steps.append({"norm": norm, "state": {n: {"param": p.detach().clone(), **moments[n]}
                                               for n, p in model.named_parameters()}})
@@ -231,3 +236,98 @@ def test_zero1_steps_equal_unsharded_adamw(tmp_path, world_size, ep):
                 rounding = eps32 * (3 * (new["param"].abs() + 2 * LR) + 13 * LR * R)
                 assert_within(got["param"], new["param"], ratios + rounding, f"step {step} {name}")
         assert result["moment_bytes"] < 0.75 * total_params * 4  # each rank keeps a slice only
+
+
+def runtime_worker(rank, world_size):
+    """The collectives of a DistributedRuntime on a real process group of `world_size` ranks."""
+    from dsv3.parallel.runtime import DistributedRuntime
+
+    layout = resolve_layout(ParallelConfig(), world_size, CFG["n_routed_experts"])
+    mesh = build_mesh(layout, "cpu")
+    return collectives(DistributedRuntime(layout, mesh, rank, data_parallel_rank(mesh), stage_group(mesh)))
+
+
+def collectives(runtime) -> dict:
+    stage, pipeline = torch.arange(4.0), torch.arange(3.0) + 1
+    runtime.sum_over_stage(stage)
+    runtime.sum_over_pipeline(pipeline)
+    runtime.barrier()
+    return {"stage": stage, "pipeline": pipeline, "mean": runtime.mean_over_data_ranks(torch.tensor([2.0, 6.0])),
+            "any": [runtime.any(flag, torch.device("cpu")) for flag in (False, True)],
+            "sum": runtime.sum_over_ranks(7), "from_main": runtime.from_main({"rank": runtime.rank}),
+            "layout": (runtime.layout.pp, runtime.layout.dp, runtime.layout.ep), "data_rank": runtime.data_rank,
+            "is_main": runtime.is_main}
+
+
+def test_single_process_runtime_collectives_are_those_of_one_rank(tmp_path):
+    """The runtime of a single process does, without a process group, what each collective does on
+    a group of one rank: sums and maxima of one value are the value."""
+    from dsv3.parallel.runtime import Runtime
+
+    single = collectives(Runtime())
+    (one_rank,) = run_ranks(runtime_worker, 1, tmp_path)
+    assert single.keys() == one_rank.keys()
+    for key, value in single.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, one_rank[key]), key
+        else:
+            assert value == one_rank[key], key
+    assert torch.equal(single["stage"], torch.arange(4.0)) and single["any"] == [False, True]
+    assert single["sum"] == 7 and single["from_main"] == {"rank": 0} and single["layout"] == (1, 1, 1)
+
+
+def zero_state_worker(rank, world_size):
+    """Two ZeRO-1 steps in one optimizer, and the second step again in a new optimizer on a new
+    model that loads the first one's state_dict after step 1."""
+    from dsv3.parallel.runtime import DistributedRuntime
+    from dsv3.parallel.zero import build_zero_adamw
+    from dsv3.train.optim import clipped_step
+
+    layout = resolve_layout(ParallelConfig(), world_size, CFG["n_routed_experts"])
+    mesh = build_mesh(layout, "cpu")
+    runtime = DistributedRuntime(layout, mesh, rank, data_parallel_rank(mesh), stage_group(mesh))
+    per_rank = BATCH // world_size
+
+    def zero(model):
+        return build_zero_adamw(model, runtime, lr=LR, betas=BETAS, eps=EPS, weight_decay=DECAY,
+                                state_dtype=torch.float32)
+
+    def step(model, optimizer, gradients, n):
+        tokens = global_batch(n)[rank * per_rank:(rank + 1) * per_rank]
+        model(tokens[:, :-1], tokens[:, 1:]).total(0.3).backward()
+        clipped_step(optimizer, gradients, 0.5)
+
+    model = build()
+    optimizer, gradients = zero(model)
+    is_optimizer = isinstance(optimizer, torch.optim.Optimizer)
+    grouped = sorted(id(p) for group in optimizer.param_groups for p in group["params"])
+    every_parameter_once = grouped == sorted(id(p) for p in model.parameters())
+    step(model, optimizer, gradients, 0)
+    saved = optimizer.state_dict()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step(model, optimizer, gradients, 1)
+
+    again = build()
+    with torch.no_grad():
+        for name, p in again.named_parameters():
+            p.copy_(params[name])
+    loaded, loaded_gradients = zero(again)
+    loaded.load_state_dict(saved)
+    round_trip = loaded.state_dict()
+    step(again, loaded, loaded_gradients, 1)
+    return {"is_optimizer": is_optimizer, "every_parameter_once": every_parameter_once, "saved": saved,
+            "round_trip": round_trip, "continued": dict(model.named_parameters()),
+            "resumed": dict(again.named_parameters())}
+
+
+def test_zero_adamw_is_an_optimizer_whose_state_dict_round_trips(tmp_path):
+    for result in run_ranks(zero_state_worker, 2, tmp_path):
+        assert result["is_optimizer"] and result["every_parameter_once"]
+        saved, round_trip = result["saved"]["state"], result["round_trip"]["state"]
+        assert saved.keys() == round_trip.keys() == result["continued"].keys()
+        for name, moments in saved.items():
+            assert moments["step"] == 1 and moments["exp_avg"].abs().sum() > 0, name
+            for key, value in moments.items():
+                assert torch.equal(round_trip[name][key], value), (name, key)
+        for name, param in result["continued"].items():  # the step after loading is the one without
+            assert torch.equal(result["resumed"][name], param), name

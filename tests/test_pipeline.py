@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from dsv3.model import ModelConfig, Transformer
 from dsv3.parallel.config import ParallelConfig
-from dsv3.parallel.data_parallel import GradientSync
+from dsv3.parallel.data_parallel import AllReducedGradients
 from dsv3.parallel.expert_parallel import shard_experts
 from dsv3.parallel.mesh import build_mesh, data_parallel_rank, pipeline_lines, resolve_layout, stage_group
 from dsv3.parallel.p2p import StageLinks
@@ -66,7 +66,7 @@ def pipeline_worker(rank, world_size, schedule, ep, overlap):
     micro = [(t[:, :-1], t[:, 1:]) for t in batch(data_rank, layout.data_parallel)]
     sums = pipe.train_step(micro, MTP_WEIGHT)
     replicas.sum_gradients()
-    GradientSync(model, stage_group(mesh), mesh.get_group("dp"), mesh.get_group("ep")).reduce()
+    AllReducedGradients(model, stage_group(mesh), mesh.get_group("dp"), mesh.get_group("ep")).reduce()
     dist.all_reduce(sums, group=mesh.get_group("pp"))  # each stage contributes its part
     sums /= layout.data_parallel
     dist.all_reduce(sums, group=stage_group(mesh))

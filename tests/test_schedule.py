@@ -139,6 +139,7 @@ def test_clipped_step_equals_clip_grad_norm_then_step(max_norm):
     against clip_grad_norm_ + step: float32, so within a few ulps of each parameter (dividing by
     1/c instead of multiplying by c rounds differently; the update's sqrt and division stay
     within 1e-6 relative)."""
+    from dsv3.parallel.data_parallel import LocalGradients
     from dsv3.train.optim import clipped_step
 
     generator = torch.Generator().manual_seed(0)
@@ -155,7 +156,7 @@ def test_clipped_step_equals_clip_grad_norm_then_step(max_norm):
                 norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                 optimizer.step()
             else:
-                norm = clipped_step(optimizer, params, max_norm)
+                norm = clipped_step(optimizer, LocalGradients(params), max_norm)
         assert getattr(optimizer, "grad_scale", None) is None  # nothing left behind for a later step
         results[name] = norm, params
     for name in ("fused", "foreach"):

@@ -25,9 +25,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+
+from dsv3.parallel.runtime import Runtime
 
 from .storage import (MANIFEST, DiskFull, WriteFailed, free_bytes, is_disk_full, verify_manifest, write_atomically,
                       write_manifest)
@@ -63,21 +64,21 @@ def first_line(error: BaseException) -> str:
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, keep: int, asynchronous: bool = False, runtime=None):
-        """runtime: the parallel runtime of a multi-rank run (None for one process). Every rank
-        writes its shards; the first rank alone hashes, renames, rotates and updates `latest`."""
+    def __init__(self, directory: Path, keep: int, runtime: Runtime, asynchronous: bool = False):
+        """Every rank of `runtime` writes its shards; the first rank alone hashes, renames, rotates
+        and updates `latest`."""
         self.directory = Path(directory)
         self.keep = keep
         self.asynchronous = asynchronous
         self.runtime = runtime
-        self.is_main = runtime is None or runtime.is_main
+        self.is_main = runtime.is_main
         self.pending: tuple[Future, Path, Path] | None = None
         self.needed = 0  # bytes the checkpoint being written takes, about
         self.publisher = ThreadPoolExecutor(max_workers=1) if asynchronous else None
         # An asynchronous save finishes DCP's collectives from a background thread: on a group of
         # its own, so that they never interleave with the next steps' collectives on the default
         # group (which deadlocks them both).
-        self.save_group = dist.new_group(backend="gloo") if asynchronous and runtime is not None else None
+        self.save_group = runtime.background_group() if asynchronous else None
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, newest first."""
@@ -98,10 +99,10 @@ class Checkpointer:
             self.directory.mkdir(parents=True, exist_ok=True)
             for stale in self.directory.glob("*.tmp"):  # left by a process killed mid-save
                 shutil.rmtree(stale, ignore_errors=True)
-        self._barrier()
+        self.runtime.barrier()
         final = self.directory / f"step_{step:08d}"
         tmp = self.directory / f"{final.name}.tmp"
-        self.needed = int(1.05 * self._sum_over_ranks(tensor_bytes(state))) + 2**20  # + pickled metadata
+        self.needed = int(1.05 * self.runtime.sum_over_ranks(tensor_bytes(state))) + 2**20  # + pickled metadata
         if free_bytes(self.directory) < self.needed:  # refused before a byte is written
             raise DiskFull(f"No space left on the device of {self.directory} for checkpoint {final.name}: it needs "
                            f"about {self.needed / 2**20:.0f} MiB, {free_bytes(self.directory) / 2**20:.0f} MiB "
@@ -120,7 +121,7 @@ class Checkpointer:
                     self._publish(tmp, final, config)
             except BaseException as error:
                 self._fail(error, tmp, final)
-        self._barrier()  # no rank goes on before the checkpoint is complete
+        self.runtime.barrier()  # no rank goes on before the checkpoint is complete
 
     def wait(self) -> None:
         """Blocks until a background save has finished; raises its error as `save` would."""
@@ -131,7 +132,7 @@ class Checkpointer:
             future.result()
         except BaseException as error:
             self._fail(error, tmp, final)
-        self._barrier()
+        self.runtime.barrier()
 
     def _publish_when_written(self, written: Future, tmp: Path, final: Path, config: str) -> None:
         written.result()
@@ -148,17 +149,6 @@ class Checkpointer:
                            f"{final.name}; removed the partial write {tmp.name}.") from None
         raise WriteFailed(f"Writing checkpoint {final.name} into {self.directory} failed ({first_line(error)}); "
                       f"removed the partial write {tmp.name}.") from None
-
-    def _barrier(self) -> None:
-        if self.runtime is not None:
-            self.runtime.barrier()
-
-    def _sum_over_ranks(self, value: int) -> int:
-        if self.runtime is None:
-            return value
-        total = torch.tensor([value], dtype=torch.float64)  # a CPU tensor: gloo on every backend
-        dist.all_reduce(total)
-        return int(total.item())
 
     def _publish(self, tmp: Path, final: Path, config: str) -> None:
         write_atomically(tmp / CONFIG, config)
@@ -188,10 +178,7 @@ class Checkpointer:
                 problem = verify_manifest(path)
             else:
                 log.warning("checkpoint %s predates checksums; loading it unverified", path)
-        if self.runtime is not None:
-            verdict = [problem]
-            dist.broadcast_object_list(verdict, src=0)
-            problem = verdict[0]
+        problem = self.runtime.from_main(problem)
         if problem:
             raise ValueError(problem)
 
@@ -218,5 +205,5 @@ class Checkpointer:
                 write_atomically(latest, newest[0].name + "\n")
             elif latest.exists():
                 latest.unlink()
-        self._barrier()
+        self.runtime.barrier()
         return aside

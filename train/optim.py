@@ -1,16 +1,18 @@
-"""AdamW, and the variant DeepSeek-V3 trained with: moments stored in BF16 (report section 3.3.3)."""
+"""AdamW, and the variant DeepSeek-V3 trained with: moments stored in BF16 (report section 3.3.3);
+the clipped step of every layout, and the optimizer's state by parameter name for checkpoints."""
 from __future__ import annotations
 
-import math
-
 import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_optimizer_state_dict
+
+from dsv3.parallel.adamw import adamw_
+from dsv3.parallel.zero import ZeroAdamW
 
 
 class AdamW(torch.optim.Optimizer):
     """Decoupled-weight-decay Adam whose moments are stored in `state_dtype`.
 
-    The update runs in fp32 on the fp32 master weights; only the stored moments are rounded, which
-    halves their memory in BF16. With state_dtype=float32 it is torch.optim.AdamW's update.
+    The update is adamw_'s; with state_dtype=float32 it is torch.optim.AdamW's.
     """
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
@@ -21,8 +23,6 @@ class AdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -32,15 +32,8 @@ class AdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
                 state["step"] += 1
-                step = state["step"].item()
-                grad = p.grad.float()
-                exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                state["exp_avg"].copy_(exp_avg)
-                state["exp_avg_sq"].copy_(exp_avg_sq)
-                p.mul_(1 - lr * weight_decay)
-                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
-                p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+                adamw_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"].item(), group["lr"],
+                       group["betas"], group["eps"], group["weight_decay"])
         return None
 
 
@@ -56,13 +49,14 @@ def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type == "cuda")
 
 
-def clipped_step(optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Scales the gradients to a total 2-norm of at most max_norm, as clip_grad_norm_ does, and
-    steps; returns the norm before clipping. torch's fused Adam(W) divides each gradient by its
-    `grad_scale` tensor (the hook its loss scaler uses) while it updates, so there the clip factor
-    goes in as that divisor and the gradients are not rewritten in a pass of their own first."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
+def clipped_step(optimizer: torch.optim.Optimizer, gradients, max_norm: float) -> torch.Tensor:
+    """Reduces `gradients` (LocalGradients, AllReducedGradients or ShardedGradients: the layout's),
+    scales them to a total 2-norm of at most max_norm, as clip_grad_norm_ does, and steps; returns
+    the norm before clipping. torch's fused Adam(W) divides each gradient by its `grad_scale`
+    tensor (the hook its loss scaler uses) while it updates, so there the clip factor goes in as
+    that divisor and the gradients are not rewritten in a pass of their own first."""
+    gradients.reduce()
+    norm = gradients.norm()
     if isinstance(optimizer, torch.optim.Adam) and optimizer.defaults.get("fused"):
         optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp_min(1.0)  # 1 / clip_grad_norm_'s factor
         try:
@@ -70,6 +64,21 @@ def clipped_step(optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Par
         finally:
             optimizer.grad_scale = None
     else:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+        gradients.scale(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         optimizer.step()
     return norm
+
+
+def moments(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state keyed by parameter name, each parameter's whole, whatever the layout."""
+    if isinstance(optimizer, ZeroAdamW):  # keyed so already, gathered from the ranks' slices
+        return optimizer.state_dict()
+    return get_state_dict(model, optimizer)[1]
+
+
+def load_moments(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Loads what `moments` returns (the per-parameter "state" of it; the rest is the config's)."""
+    if isinstance(optimizer, ZeroAdamW):
+        optimizer.load_state_dict(state)
+    else:
+        set_optimizer_state_dict(model, optimizer, {**get_state_dict(model, optimizer)[1], "state": state["state"]})
