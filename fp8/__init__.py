@@ -11,7 +11,6 @@ import torch
 from dsv3.model.moe import MoE, RoutedExperts
 
 from . import quant
-from .linear import FP8Linear, FP8RoutedExperts
 
 KEPT_IN_HIGH_PRECISION = ("head", "eh_proj")  # with the embedding, routers, norms, attention core
 
@@ -54,6 +53,8 @@ def convert(model: nn.Module, cfg: FP8Config) -> list[str]:
     codec: expert-parallel dispatch sends FP8 (combine stays in the compute dtype), whether the
     experts were sharded before or are sharded after. GEMMs narrower than cfg.min_width are left as
     they are. Returns the names converted."""
+    from .linear import FP8Linear, FP8RoutedExperts  # here: the layers import torch._dynamo (2 s), the config need not
+
     converted = []
     for module in model.modules():
         if isinstance(module, MoE) and min(module.experts.w2.shape[1:]) >= cfg.min_width:
