@@ -45,6 +45,11 @@ class FP8DispatchCodec:
         return quant.dequantize_tiles(data.view(quant.E4M3), scales, like.shape[1]).to(like.dtype)
 
 
+def _narrow_side(experts: RoutedExperts) -> int:
+    """The narrower of the experts' two widths (dim, moe_inter_dim)."""
+    return min(experts.w2.shape[1:])
+
+
 def convert(model: nn.Module, cfg: FP8Config) -> list[str]:
     """Turns the model's GEMMs that the report (section 3.3.1) runs in FP8 into FP8 ones, in place (same
     parameters, same names): every Linear of MLA, the dense MLPs and the shared experts, and the
@@ -57,7 +62,7 @@ def convert(model: nn.Module, cfg: FP8Config) -> list[str]:
 
     converted = []
     for module in model.modules():
-        if isinstance(module, MoE) and min(module.experts.w2.shape[1:]) >= cfg.min_width:
+        if isinstance(module, MoE) and _narrow_side(module.experts) >= cfg.min_width:
             module.dispatcher = module.dispatcher.with_codec(FP8DispatchCodec())
     for name, module in model.named_modules():
         if type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in KEPT_IN_HIGH_PRECISION:
@@ -65,7 +70,7 @@ def convert(model: nn.Module, cfg: FP8Config) -> list[str]:
                 continue
             module.__class__ = FP8Linear
         elif type(module) is RoutedExperts:
-            if min(module.w2.shape[1:]) < cfg.min_width:
+            if _narrow_side(module) < cfg.min_width:
                 continue
             module.__class__ = FP8RoutedExperts
         else:

@@ -198,12 +198,17 @@ def test_fp8_experts_equal_the_composition_of_dequantised_operands():
                                    atol=1e-5 * expected.abs().max().item(), msg=name)
 
 
+def small_model(n_layers: int, mtp_depth: int) -> Transformer:
+    """One dense layer, then MoE layers: every kind of GEMM convert looks at, at tiny widths."""
+    return Transformer(ModelConfig(
+        vocab_size=97, dim=32, inter_dim=48, moe_inter_dim=16, n_layers=n_layers, n_dense_layers=1, n_heads=2,
+        n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, n_expert_groups=1, n_limited_groups=1,
+        q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, max_seq_len=16,
+        mtp_depth=mtp_depth))
+
+
 def test_convert_swaps_exactly_the_recipes_layers():
-    cfg = ModelConfig(vocab_size=97, dim=32, inter_dim=48, moe_inter_dim=16, n_layers=3, n_dense_layers=1,
-                      n_heads=2, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, n_expert_groups=1,
-                      n_limited_groups=1, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                      v_head_dim=8, max_seq_len=16, mtp_depth=1)
-    model = Transformer(cfg)
+    model = small_model(n_layers=3, mtp_depth=1)
     names = set(convert(model, FP8Config(enabled=True)))
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert names - linears == {f"layers.{i}.ffn.experts" for i in (1, 2)} | {"mtp.0.block.ffn.experts"}
@@ -214,11 +219,7 @@ def test_convert_swaps_exactly_the_recipes_layers():
 
 
 def test_convert_leaves_gemms_narrower_than_min_width():
-    cfg = ModelConfig(vocab_size=97, dim=32, inter_dim=48, moe_inter_dim=16, n_layers=2, n_dense_layers=1,
-                      n_heads=2, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, n_expert_groups=1,
-                      n_limited_groups=1, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                      v_head_dim=8, max_seq_len=16, mtp_depth=0)
-    model = Transformer(cfg)
+    model = small_model(n_layers=2, mtp_depth=0)
     widths = {n: min(m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     names = set(convert(model, FP8Config(enabled=True, min_width=24)))
     # the experts' narrow side is moe_inter_dim=16 < 24: they stay as they are, and so does the shared expert
