@@ -20,8 +20,9 @@ class FP8Config:
     enabled: bool = False  # precision=fp8
     power_of_two_scales: bool = False  # round every scale up to a power of two
     # A GEMM runs in FP8 only when its input and output widths are both at least this (routed
-    # experts: dim and moe_inter_dim); narrower ones stay in the compute dtype, where quantising
-    # costs more than the faster product saves (benchmarks/RESULTS.md, "FP8 by width"). 0: all.
+    # experts: dim and moe_inter_dim); narrower ones stay in the compute dtype, for models whose
+    # narrow GEMMs are slower in FP8 (`small`'s experts: 0.57-0.81x BF16, benchmarks/RESULTS.md,
+    # "FP8 on an H200"). 0: all.
     min_width: int = 0
 
 
