@@ -73,7 +73,12 @@ def test_pipelined_run_equals_unpipelined_run(tmp_path, saved_at_pp2_ep2):
                 assert pipelined[step][key] == pytest.approx(plain[step][key], rel=1e-5), (step, key)
         # the norm is a sum of squares in another order, after steps of Adam: rounding grows to ~1e-5
         assert pipelined[step]["grad_norm"] == pytest.approx(plain[step]["grad_norm"], rel=1e-4), step
-        assert pipelined[step]["max_violation_per_layer"] == pytest.approx(plain[step]["max_violation_per_layer"])
+        # router scores are sums in another order too: a token whose top-k choice ties within FP32
+        # rounding may go to another expert, moving one load by one token (1/512 of the mean load of
+        # 16 x 128 tokens x top-2 over 8 experts); more than two such tokens is a real difference
+        one_token = 8 / (16 * 128 * 2)
+        assert pipelined[step]["max_violation_per_layer"] == pytest.approx(plain[step]["max_violation_per_layer"],
+                                                                           abs=2 * one_token + 1e-9), step
 
 
 def test_pipelined_checkpoint_resumes_without_a_pipeline(tmp_path, saved_at_pp2_ep2):
