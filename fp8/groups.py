@@ -38,6 +38,10 @@ class Groups:
         as32 = lambda t: t.to(torch.int32)  # noqa: E731
         return Groups(counts, as32(e), as32(start), as32(end), as32(first_tile))
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The fields in order: what the FP8 experts' custom operators take (`Groups(*tensors)`)."""
+        return [self.counts, self.expert, self.start, self.end, self.first_tile]
+
     @property
     def n_tiles(self) -> int:
         return self.start.numel()

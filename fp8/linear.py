@@ -10,11 +10,17 @@ back through dequantise -> transpose -> requantise, as DeepSeek-V3 does. Master 
 gradients stay FP32. Quantisation runs the Triton kernels on CUDA and the torch reference
 elsewhere; the Linear's GEMMs run cuBLASLt on Hopper (`gemm.py`), the experts' run our grouped
 Triton GEMMs (`grouped.py`), and both the exact emulation elsewhere.
+
+Each layer's forward and backward are custom operators (`torch.library`), opaque to torch.compile:
+a compiled block calls them as they run eagerly, without a graph break. (Traced into a compiled
+graph, the Triton kernels and their TMA descriptors gave wrong gradients: the global norm
+overflowed at the first step on an H200; benchmarks/fp8_compile_check.py compares the two.)
 """
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.library import custom_op
 
 from dsv3.model.moe import RoutedExperts, compute_dtype
 
@@ -22,6 +28,7 @@ from . import quant
 from .gemm import gemm
 from .grouped import grouped_gemm, grouped_wgrad
 from .groups import Groups
+from .quant import E4M3, TILE, padded
 
 
 def _ops(device: torch.device):
@@ -33,81 +40,155 @@ def _ops(device: torch.device):
     return quant
 
 
+def _fp8(like: Tensor, rows: int, cols: int) -> tuple[Tensor, Tensor]:
+    """Empty E4M3 (rows, cols) and its 1x128 scales (rows, cols/128): what the fake kernels return."""
+    return like.new_empty((rows, cols), dtype=E4M3), like.new_empty((rows, cols // TILE), dtype=torch.float32)
+
+
+@custom_op("dsv3::fp8_linear_forward", mutates_args=())
+def linear_forward(x: Tensor, weight: Tensor, out_dtype: torch.dtype,
+                   power_of_two: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x (M, K) @ weight^T -> y (M, N) in out_dtype, and what backward needs: x in 1x128 tiles and
+    the weight in 128x128 blocks."""
+    ops = _ops(x.device)
+    x_q, x_s = ops.quantize_tiles(x, power_of_two)
+    w_q, w_s = ops.quantize_blocks(weight, power_of_two)
+    y = gemm(x_q, x_s, w_q, w_s, b_blocks=True, out_dtype=out_dtype)[:, :weight.shape[0]]
+    return y.contiguous(), x_q, x_s, w_q, w_s
+
+
+@linear_forward.register_fake
+def _(x, weight, out_dtype, power_of_two):
+    (m, k), n = x.shape, weight.shape[0]
+    w_q = weight.new_empty((padded(n), padded(k)), dtype=E4M3)
+    w_s = weight.new_empty((padded(n) // TILE, padded(k) // TILE), dtype=torch.float32)
+    return x.new_empty((m, n), dtype=out_dtype), *_fp8(x, m, padded(k)), w_q, w_s
+
+
+@custom_op("dsv3::fp8_linear_backward", mutates_args=())
+def linear_backward(grad: Tensor, x_q: Tensor, x_s: Tensor, w_q: Tensor, w_s: Tensor, k: int,
+                    x_dtype: torch.dtype, power_of_two: bool) -> tuple[Tensor, Tensor]:
+    """grad (M, N) -> dx (M, k) in x_dtype and dW (N, k) in FP32."""
+    ops = _ops(grad.device)
+    n = grad.shape[1]
+    g_q, g_s = ops.quantize_tiles(grad, power_of_two)
+    # dx = dy @ W: W's blocks transposed are the 128x128 blocks of W^T
+    dx = gemm(g_q, g_s, w_q.t().contiguous(), w_s.t().contiguous(), b_blocks=True, out_dtype=torch.float32)
+    # dW = dy^T @ x over tokens: 128x1 tiles of dy and of x (x from its cached FP8 copy)
+    gt_q, gt_s = ops.quantize_tiles_transposed(grad, power_of_two)
+    xt_q, xt_s = ops.quantize_tiles_transposed(x_q, power_of_two, x_scale=x_s)
+    dw = gemm(gt_q, gt_s, xt_q, xt_s, b_blocks=False, out_dtype=torch.float32)[:n, :k]
+    return dx[:, :k].to(x_dtype).contiguous(), dw.contiguous()
+
+
+@linear_backward.register_fake
+def _(grad, x_q, x_s, w_q, w_s, k, x_dtype, power_of_two):
+    m, n = grad.shape
+    return grad.new_empty((m, k), dtype=x_dtype), grad.new_empty((n, k), dtype=torch.float32)
+
+
 class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, power_of_two: bool):
-        ops = _ops(x.device)
+    def forward(ctx, x: Tensor, weight: Tensor, out_dtype: torch.dtype, power_of_two: bool):
         shape, k = x.shape, x.shape[-1]
-        x_q, x_s = ops.quantize_tiles(x.reshape(-1, k), power_of_two)
-        w_q, w_s = ops.quantize_blocks(weight, power_of_two)
-        y = gemm(x_q, x_s, w_q, w_s, b_blocks=True, out_dtype=out_dtype)[:, :weight.shape[0]]
-        ctx.save_for_backward(x_q, x_s, w_q, w_s)
-        ctx.meta = (shape, weight.shape, x.dtype, power_of_two)
+        y, *saved = linear_forward(x.reshape(-1, k), weight, out_dtype, power_of_two)
+        ctx.save_for_backward(*saved)
+        ctx.meta = (shape, x.dtype, power_of_two)
         return y.view(*shape[:-1], weight.shape[0])
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x_q, x_s, w_q, w_s = ctx.saved_tensors
-        shape, (n, k), x_dtype, power_of_two = ctx.meta
-        ops = _ops(grad.device)
-        grad = grad.reshape(-1, n)
-        g_q, g_s = ops.quantize_tiles(grad, power_of_two)
-        # dx = dy @ W: W's blocks transposed are the 128x128 blocks of W^T
-        dx = gemm(g_q, g_s, w_q.t().contiguous(), w_s.t().contiguous(), b_blocks=True, out_dtype=torch.float32)
-        # dW = dy^T @ x over tokens: 128x1 tiles of dy and of x (x from its cached FP8 copy)
-        gt_q, gt_s = ops.quantize_tiles_transposed(grad, power_of_two)
-        xt_q, xt_s = ops.quantize_tiles_transposed(x_q, power_of_two, x_scale=x_s)
-        dw = gemm(gt_q, gt_s, xt_q, xt_s, b_blocks=False, out_dtype=torch.float32)[:n, :k]
-        return dx[:, :k].to(x_dtype).view(shape), dw, None, None
+    def backward(ctx, grad: Tensor):
+        shape, x_dtype, power_of_two = ctx.meta
+        grad = grad.reshape(-1, grad.shape[-1])
+        dx, dw = linear_backward(grad, *ctx.saved_tensors, shape[-1], x_dtype, power_of_two)
+        return dx.view(shape), dw, None, None
 
 
 class FP8Linear(nn.Linear):
     """nn.Linear (same parameters and names) computing its three GEMMs in FP8."""
     power_of_two = False
 
-    @torch.compiler.disable  # see FP8RoutedExperts.forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         assert self.bias is None, "the model's linears have no bias"
         return FP8LinearFunction.apply(x, self.weight, compute_dtype(x), self.power_of_two)
 
 
+@custom_op("dsv3::fp8_experts_forward", mutates_args=())
+def experts_forward(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, groups: list[Tensor], out_dtype: torch.dtype,
+                    power_of_two: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Expert-sorted rows x (rows, dim) -> y (rows, dim) in out_dtype, and the FP8 cache backward
+    reads: x and [gate | up] in 1x128 tiles, [W1 | W3] and W2 in 128x128 blocks. `groups` is
+    Groups.tensors()."""
+    ops = _ops(x.device)
+    groups = Groups(*groups)
+    dim = w1.shape[1]
+    x_q, x_s = ops.quantize_tiles(x, power_of_two)
+    w13_q, w13_s, w13_qt, w13_st = ops.quantize_expert_blocks([w1, w3], power_of_two)  # (E, dim, 2 * inter)
+    w2_q, w2_s, w2_qt, w2_st = ops.quantize_expert_blocks([w2], power_of_two)  # (E, inter, dim), padded
+    gu = grouped_gemm(x_q, x_s, w13_qt, w13_st, groups, out_dtype)
+    h_q, h_s, gu_q, gu_s = ops.swiglu_quantize(gu, power_of_two)
+    y = grouped_gemm(h_q, h_s, w2_qt, w2_st, groups, out_dtype, n_out=dim)
+    return y.contiguous(), x_q, x_s, gu_q, gu_s, w13_q, w13_s, w2_q, w2_s
+
+
+@experts_forward.register_fake
+def _(x, w1, w3, w2, groups, out_dtype, power_of_two):
+    (rows, dim), (n_experts, inter) = x.shape, (w1.shape[0], padded(w1.shape[2]))
+
+    def blocks(r: int, c: int):
+        return (w1.new_empty((n_experts, r, c), dtype=E4M3),
+                w1.new_empty((n_experts, r // TILE, c // TILE), dtype=torch.float32))
+    return (x.new_empty((rows, dim), dtype=out_dtype), *_fp8(x, rows, padded(dim)), *_fp8(x, rows, 2 * inter),
+            *blocks(padded(dim), 2 * inter), *blocks(inter, padded(dim)))
+
+
+@custom_op("dsv3::fp8_experts_backward", mutates_args=())
+def experts_backward(dy: Tensor, x_q: Tensor, x_s: Tensor, gu_q: Tensor, gu_s: Tensor, w13_q: Tensor, w13_s: Tensor,
+                     w2_q: Tensor, w2_s: Tensor, groups: list[Tensor], inter: int, x_dtype: torch.dtype,
+                     power_of_two: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dy (rows, dim) -> dx (rows, dim) in x_dtype, and dW1, dW3 (E, dim, inter), dW2 (E, inter, dim)
+    in FP32. Recomputes the SwiGLU output from the FP8 cache of its input (report section 3.3.3);
+    Dgrad runs against the forward's FP8 weights, Wgrad over each expert's own 128-token tiles."""
+    ops = _ops(dy.device)
+    groups = Groups(*groups)
+    dim = dy.shape[1]
+    dy_q, dy_s = ops.quantize_tiles(dy, power_of_two)
+    dh = grouped_gemm(dy_q, dy_s, w2_q, w2_s, groups, dy.dtype)
+    h, dgu = ops.swiglu_backward(gu_q, gu_s, dh, dy.dtype)
+    dgu_q, dgu_s = ops.quantize_tiles(dgu, power_of_two)
+    dx = grouped_gemm(dgu_q, dgu_s, w13_q, w13_s, groups, x_dtype, n_out=dim)
+    dw2, = grouped_wgrad(*ops.quantize_tiles_transposed(h, power_of_two, groups),
+                         *ops.quantize_tiles_transposed(dy, power_of_two, groups), groups, inter, (dim,))
+    dw1, dw3 = grouped_wgrad(*ops.quantize_tiles_transposed(x_q, power_of_two, groups, x_scale=x_s),
+                             *ops.quantize_tiles_transposed(dgu, power_of_two, groups), groups, dim, (inter, inter))
+    return dx.contiguous(), dw1.contiguous(), dw3.contiguous(), dw2.contiguous()
+
+
+@experts_backward.register_fake
+def _(dy, x_q, x_s, gu_q, gu_s, w13_q, w13_s, w2_q, w2_s, groups, inter, x_dtype, power_of_two):
+    (rows, dim), n_experts = dy.shape, w13_q.shape[0]
+    weight = lambda *shape: dy.new_empty((n_experts, *shape), dtype=torch.float32)  # noqa: E731
+    return dy.new_empty((rows, dim), dtype=x_dtype), weight(dim, inter), weight(dim, inter), weight(inter, dim)
+
+
 class FP8ExpertsFunction(torch.autograd.Function):
     """All routed experts' SwiGLU MLPs, y_e = (silu(x_e W1_e) * x_e W3_e) W2_e, in grouped FP8 GEMMs.
-
-    Gate and up run as one GEMM against [W1 | W3]. Forward saves x and [gate | up] in FP8 (1x128
-    tiles); backward recomputes the SwiGLU output from that cache (report section 3.3.3) and runs Dgrad
-    against the forward's FP8 weights and Wgrad over each expert's own 128-token tiles.
-    """
+    Gate and up run as one GEMM against [W1 | W3]."""
 
     @staticmethod
     def forward(ctx, x, counts, w1, w3, w2, out_dtype: torch.dtype, power_of_two: bool):
-        ops = _ops(x.device)
-        dim, inter = w1.shape[1], w1.shape[2]
-        groups = Groups.of(counts, x.shape[0])
-        x_q, x_s = ops.quantize_tiles(x, power_of_two)
-        w13_q, w13_s, w13_qt, w13_st = ops.quantize_expert_blocks([w1, w3], power_of_two)  # (E, dim, 2 * inter)
-        w2_q, w2_s, w2_qt, w2_st = ops.quantize_expert_blocks([w2], power_of_two)  # (E, inter, dim), padded
-        gu = grouped_gemm(x_q, x_s, w13_qt, w13_st, groups, out_dtype)
-        h_q, h_s, gu_q, gu_s = ops.swiglu_quantize(gu, power_of_two)
-        y = grouped_gemm(h_q, h_s, w2_qt, w2_st, groups, out_dtype, n_out=dim)
-        ctx.save_for_backward(x_q, x_s, gu_q, gu_s, w13_q, w13_s, w2_q, w2_s)
-        ctx.groups, ctx.meta = groups, (dim, inter, x.dtype, out_dtype, power_of_two)
+        groups = Groups.of(counts, x.shape[0]).tensors()
+        y, *saved = experts_forward(x, w1, w3, w2, groups, out_dtype, power_of_two)
+        ctx.save_for_backward(*saved, *groups)
+        ctx.meta = (w1.shape[2], x.dtype, power_of_two)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_q, x_s, gu_q, gu_s, w13_q, w13_s, w2_q, w2_s = ctx.saved_tensors
-        groups, (dim, inter, x_dtype, out_dtype, power_of_two) = ctx.groups, ctx.meta
-        ops = _ops(dy.device)
-        dy_q, dy_s = ops.quantize_tiles(dy, power_of_two)
-        dh = grouped_gemm(dy_q, dy_s, w2_q, w2_s, groups, out_dtype)
-        h, dgu = ops.swiglu_backward(gu_q, gu_s, dh, out_dtype)
-        dgu_q, dgu_s = ops.quantize_tiles(dgu, power_of_two)
-        dx = grouped_gemm(dgu_q, dgu_s, w13_q, w13_s, groups, x_dtype, n_out=dim)
-        dw2, = grouped_wgrad(*ops.quantize_tiles_transposed(h, power_of_two, groups),
-                             *ops.quantize_tiles_transposed(dy, power_of_two, groups), groups, inter, (dim,))
-        dw1, dw3 = grouped_wgrad(*ops.quantize_tiles_transposed(x_q, power_of_two, groups, x_scale=x_s),
-                                 *ops.quantize_tiles_transposed(dgu, power_of_two, groups), groups, dim, (inter, inter))
+        *saved, counts, expert, start, end, first_tile = ctx.saved_tensors
+        inter, x_dtype, power_of_two = ctx.meta
+        groups = [counts, expert, start, end, first_tile]
+        dx, dw1, dw3, dw2 = experts_backward(dy, *saved, groups, inter, x_dtype, power_of_two)
         return dx, None, dw1, dw3, dw2, None, None
 
 
@@ -115,9 +196,5 @@ class FP8RoutedExperts(RoutedExperts):
     """Routed experts (same parameters and names) computing all their GEMMs in grouped FP8."""
     power_of_two = False
 
-    # Kept out of a compiled block's graph: compiled, the FP8 layers' gradients came out wrong (the
-    # global norm overflowed at the first step on an H200 while eager blocks trained), so the FP8
-    # GEMMs and their quantisation run eagerly between the compiled parts of a block.
-    @torch.compiler.disable
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
         return FP8ExpertsFunction.apply(x, counts, self.w1, self.w3, self.w2, compute_dtype(x), self.power_of_two)

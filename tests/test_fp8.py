@@ -207,6 +207,64 @@ def small_model(n_layers: int, mtp_depth: int) -> Transformer:
         mtp_depth=mtp_depth))
 
 
+def _fp8_layers():
+    """A Linear with padded widths and routed experts with an expert of no rows, both FP8."""
+    torch.manual_seed(0)
+    linear = nn.Linear(200, 150, bias=False)
+    linear.__class__ = FP8Linear
+    experts = RoutedExperts(4, 160, 64, init_std=0.05)
+    experts.reset_parameters(seed=0)
+    experts.__class__ = FP8RoutedExperts
+    return linear, experts
+
+
+def test_fp8_custom_operators_pass_opcheck():
+    """The four operators' schemas, fake (meta) kernels and autograd registration agree with what
+    they compute (torch.library.opcheck): what torch.compile relies on to call them from a graph.
+    opcheck's schema and AOT checks do arithmetic on the operators' E4M3 inputs or outputs, which the
+    CPU lacks, so they run where they can (the schema check of the forward operators); the compiled
+    test below covers AOT dispatch."""
+    from dsv3.fp8 import linear as ops
+
+    forward = {"test_utils": ("test_schema", "test_autograd_registration", "test_faketensor")}
+    no_schema = {"test_utils": ("test_autograd_registration", "test_faketensor")}
+
+    x, w = data(300, 200, seed=1), torch.randn(150, 200) * 0.05
+    y, *saved = ops.linear_forward(x, w, torch.float32, False)
+    torch.library.opcheck(ops.linear_forward, (x, w, torch.bfloat16, False), **forward)
+    torch.library.opcheck(ops.linear_backward, (data(300, 150, seed=2), *saved, 200, torch.float32, False), **no_schema)
+    _, experts = _fp8_layers()
+    rows, counts = torch.randn(350, 160), torch.tensor([30, 0, 300, 20])
+    groups = Groups.of(counts, 350).tensors()
+    y, *saved = ops.experts_forward(rows, experts.w1, experts.w3, experts.w2, groups, torch.float32, True)
+    torch.library.opcheck(ops.experts_forward, (rows, experts.w1, experts.w3, experts.w2, groups, torch.float32, True), **forward)
+    torch.library.opcheck(ops.experts_backward, (torch.randn(350, 160), *saved, groups, 64, torch.float32, True), **no_schema)
+
+
+def test_compiled_fp8_layers_equal_eager_ones():
+    """Through torch.compile (Dynamo and AOTAutograd, which trace the autograd Functions and call
+    the operators), the FP8 layers give the eager outputs and gradients bit for bit, in one graph:
+    the operators run the same code either way."""
+    linear, experts = _fp8_layers()
+    x, rows, counts = data(300, 200, seed=3), torch.randn(350, 160), torch.tensor([30, 0, 300, 20])
+
+    def run(fn):
+        for p in (*linear.parameters(), *experts.parameters()):
+            p.grad = None
+        xs = x.clone().requires_grad_(), rows.clone().requires_grad_()
+        out = fn(*xs)
+        out.square().sum().backward()
+        return [out, *(t.grad for t in xs), *(p.grad for p in (*linear.parameters(), *experts.parameters()))]
+
+    def layers(x, rows):
+        return linear(x).sum() + experts(rows, counts).sum() * 0.5 + linear(x).square().mean()
+
+    eager = run(layers)
+    compiled = run(torch.compile(layers, backend="aot_eager", fullgraph=True))
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_convert_swaps_exactly_the_recipes_layers():
     model = small_model(n_layers=3, mtp_depth=1)
     names = set(convert(model, FP8Config(enabled=True)))
