@@ -25,8 +25,9 @@ Step time is the median over --steps steps (CUDA events) after --warmup steps; p
 torch.cuda.max_memory_allocated over the timed steps; one more step is profiled for the GPU
 operations it launches and their busy time, and one more runs under torch's sync debug mode to count
 the host syncs it asks for; MFU uses dsv3's FLOP count for both,
-dsv3.model.count(cfg, seq_len).flop_per_token, against the GPU's dense BF16 peak. The table goes
-to stdout and the results, as JSON, to $OUT/titan_step.json when $OUT is set.
+dsv3.model.count(cfg, seq_len).flop_per_token, against the GPU's dense BF16 peak. Each row is printed as
+it is measured, the table at the end, and the results so far, as JSON, to $OUT/titan_step.json
+when $OUT is set.
 
 What the mapping cannot carry over (none changes a parameter count): dsv3's sequence-wise balance
 loss (model.seq_aux_alpha; torchtitan has none), torchtitan's final RMSNorm eps (torch's default,
@@ -367,23 +368,35 @@ def main() -> None:
                 result["tokens_per_s"] = args.batch * args.seq_len / (result["step_ms"] / 1e3)
                 result["mfu"] = result["tokens_per_s"] * flop_per_token / peak if peak else None
             rows.append({"config": name, "system": system, "flop_per_token": flop_per_token, **result})
+            print("# " + table_row(rows[-1]), flush=True)  # as it comes, for a run cut short
+            save(device, rows)
 
-    print(f"| {'config':<12} | {'system':<20} | {'tokens/s':>10} | {'MFU':>6} | {'peak GiB':>8} | {'step ms':>8} "
-          f"| {'GPU ops':>7} | {'busy ms':>7} | {'syncs':>5} |")
-    print(f"|{'-' * 14}|{'-' * 22}|{'-' * 12}|{'-' * 8}|{'-' * 10}|{'-' * 10}|{'-' * 9}|{'-' * 9}|{'-' * 7}|")
+    print(HEADER)
     for r in rows:
-        if "step_ms" not in r:
-            print(f"| {r['config']:<12} | {r['system']:<20} | {r['error']}")
-            continue
-        mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else f"{'-':>6}"
-        counts = (f"{r['gpu_ops']:7d} | {r['gpu_busy_ms']:7.1f} | {r['host_syncs']:5d}" if "gpu_ops" in r
-                  else f"{'-':>7} | {'-':>7} | {'-':>5}")
-        print(f"| {r['config']:<12} | {r['system']:<20} | {r['tokens_per_s']:10,.0f} | {mfu} | "
-              f"{r['peak_gib']:8.1f} | {r['step_ms']:8.1f} | {counts} |")
+        print(table_row(r))
+
+
+HEADER = (f"| {'config':<14} | {'system':<20} | {'tokens/s':>10} | {'MFU':>6} | {'peak GiB':>8} | {'step ms':>8} "
+          f"| {'GPU ops':>7} | {'busy ms':>7} | {'syncs':>5} |\n"
+          f"|{'-' * 16}|{'-' * 22}|{'-' * 12}|{'-' * 8}|{'-' * 10}|{'-' * 10}|{'-' * 9}|{'-' * 9}|{'-' * 7}|")
+
+
+def table_row(r: dict) -> str:
+    if "step_ms" not in r:
+        return f"| {r['config']:<14} | {r['system']:<20} | {r['error']}"
+    mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else f"{'-':>6}"
+    counts = (f"{r['gpu_ops']:7d} | {r['gpu_busy_ms']:7.1f} | {r['host_syncs']:5d}" if "gpu_ops" in r
+              else f"{'-':>7} | {'-':>7} | {'-':>5}")
+    return (f"| {r['config']:<14} | {r['system']:<20} | {r['tokens_per_s']:10,.0f} | {mfu} | "
+            f"{r['peak_gib']:8.1f} | {r['step_ms']:8.1f} | {counts} |")
+
+
+def save(device: str, rows: list[dict]) -> None:
+    """Rewrites $OUT/titan_step.json with the rows so far: a run cut short keeps what it measured."""
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "titan_step.json"
         path.write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=1))
-        print(f"# wrote {path}")
+
 
 if __name__ == "__main__":
     main()
