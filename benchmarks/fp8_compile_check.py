@@ -1,6 +1,6 @@
 """FP8 gradients with and without torch.compile: one forward and backward of a few layers of `small`
 (4 x 4096 tokens) in BF16 and in FP8, with eager blocks and with compiled blocks as the trainer runs
-them (the FP8 layers' custom operators called from the compiled graph). Prints one JSON line per
+them (the FP8 Linear traced, the experts' operators called from the graph). Prints one JSON line per
 mode: the loss, the global gradient norm, the largest |gradient|, the relative difference of all
 gradients to the eager FP8 run's (and to BF16's), and the median step time.
 

@@ -8,15 +8,17 @@
 On Hopper (compute capability 9.0+) both run on cuBLASLt through `torch._scaled_mm`, which picks
 BlockWise1x128 / BlockWise128x128 from the scales' shapes, laid out as it requires: 1x128 scales
 outer-dim-major with M padded to a multiple of 4, 128x128 scales K-major, and K zero-padded to a
-multiple of 4 blocks (512). cuBLASLt gives
-these modes a BF16 output only, so its results are BF16 before any cast to `out_dtype`. Elsewhere
-`emulate` computes the same thing exactly as defined: E4M3 products summed in FP32 over each
+multiple of 4 blocks (512). cuBLASLt gives these modes a BF16 output only, so its results are BF16
+before any cast to `out_dtype`. The cuBLASLt call is a custom operator (`scaled_mm`); the padding and
+layouts around it are torch ops, which a compiled graph fuses into the quantisation before it.
+Elsewhere `emulate` computes the same thing exactly as defined: E4M3 products summed in FP32 over each
 128-wide K group, multiplied by the two scales of that group, and summed in FP32.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.library import custom_op
 
 from .quant import TILE
 
@@ -50,8 +52,10 @@ def _pad_k(t: torch.Tensor, scale: torch.Tensor, k: int) -> tuple[torch.Tensor, 
     return wide, F.pad(scale, (0, k // TILE - scale.shape[1]), value=1.0)
 
 
-def _cublas(a, a_scale, b, b_scale, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    m, n = a.shape[0], b.shape[0]
+def cublas_operands(a, a_scale, b, b_scale, b_blocks: bool):
+    """The operands padded and laid out as cuBLASLt's blockwise modes require (module docstring).
+    Plain torch ops: in a compiled graph Inductor fuses them into the quantisation that produced
+    the operands, so they take no pass of their own."""
     k = -(-a.shape[1] // (4 * TILE)) * 4 * TILE  # cuBLASLt wants the K blocks in fours
     a, a_scale = _pad_k(_pad_rows(a, 4), _pad_rows(a_scale, 4), k)
     a_scale = a_scale.t().contiguous().t()  # outer-dim-major
@@ -60,9 +64,24 @@ def _cublas(a, a_scale, b, b_scale, b_blocks: bool, out_dtype: torch.dtype) -> t
         b_scale = F.pad(b_scale, (0, k // TILE - b_scale.shape[1]), value=1.0).t()  # (K/128, N/128), K-major
     else:
         b, b_scale = _pad_k(_pad_rows(b, 4), _pad_rows(b_scale, 4), k)
-        b_scale = b_scale.t().contiguous().t().t()  # (K/128, N), outer-dim-major
-    out = torch._scaled_mm(a, b.t(), a_scale, b_scale, out_dtype=torch.bfloat16)
-    return out[:m, :n].to(out_dtype)
+        b_scale = b_scale.t().contiguous()  # (K/128, N)
+    return a, a_scale, b, b_scale
+
+
+@custom_op("dsv3::fp8_scaled_mm", mutates_args=())
+def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+              b_blocks: bool) -> torch.Tensor:
+    """a @ b^T in BF16 on cuBLASLt, for operands from `cublas_operands`. An operator, so that a
+    compiled graph cannot hand cuBLASLt other layouts: each is put in the one required (a no-op
+    when it already is)."""
+    a_scale = a_scale.t().contiguous().t()
+    b_scale = b_scale.t().contiguous().t() if b_blocks else b_scale.contiguous()
+    return torch._scaled_mm(a.contiguous(), b.contiguous().t(), a_scale, b_scale, out_dtype=torch.bfloat16)
+
+
+@scaled_mm.register_fake
+def _(a, a_scale, b, b_scale, b_blocks):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.bfloat16)
 
 
 def gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, b_blocks: bool,
@@ -70,5 +89,6 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch
     """a @ b^T for E4M3 a (M, K) with 1x128 scales and b (N, K) with 128x128 (b_blocks) or 1x128
     scales; K a multiple of 128. Returns (M, N) in out_dtype."""
     if cublas_supported(a):
-        return _cublas(a, a_scale, b, b_scale, b_blocks, out_dtype)
+        m, n = a.shape[0], b.shape[0]
+        return scaled_mm(*cublas_operands(a, a_scale, b, b_scale, b_blocks), b_blocks)[:m, :n].to(out_dtype)
     return emulate(a, a_scale, b, b_scale, b_blocks).to(out_dtype)

@@ -11,10 +11,11 @@ gradients stay FP32. Quantisation runs the Triton kernels on CUDA and the torch 
 elsewhere; the Linear's GEMMs run cuBLASLt on Hopper (`gemm.py`), the experts' run our grouped
 Triton GEMMs (`grouped.py`), and both the exact emulation elsewhere.
 
-Each layer's forward and backward are custom operators (`torch.library`), opaque to torch.compile:
-a compiled block calls them as they run eagerly, without a graph break. (Traced into a compiled
-graph, the Triton kernels and their TMA descriptors gave wrong gradients: the global norm
-overflowed at the first step on an H200; benchmarks/fp8_compile_check.py compares the two.)
+Under torch.compile no FP8 layer breaks a block's graph. The Linear is traced: its quantisation is
+the reference's torch ops, which Inductor fuses with the ops around them, and its GEMMs call the
+`scaled_mm` operator. The experts' forward and backward are custom operators (`torch.library`)
+that a compiled graph calls as they run eagerly: traced into a graph, their Triton kernels and TMA
+descriptors gave wrong gradients (the global norm overflowed at the first step on an H200).
 """
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ from .quant import E4M3, TILE, padded
 
 def _ops(device: torch.device):
     """The quantisation functions for this device: the Triton kernels on CUDA, the reference
-    elsewhere (same names, same results)."""
-    if device.type == "cuda":
+    elsewhere (same names, same results) and inside a compiled graph, where the reference's torch
+    ops are fused by Inductor into the kernel that produces the tensor (the RMSNorm before a
+    projection, the gradient's producer), with the padding and layout the GEMM needs."""
+    if device.type == "cuda" and not torch.compiler.is_compiling():
         from . import kernels
         return kernels
     return quant
@@ -45,63 +48,32 @@ def _fp8(like: Tensor, rows: int, cols: int) -> tuple[Tensor, Tensor]:
     return like.new_empty((rows, cols), dtype=E4M3), like.new_empty((rows, cols // TILE), dtype=torch.float32)
 
 
-@custom_op("dsv3::fp8_linear_forward", mutates_args=())
-def linear_forward(x: Tensor, weight: Tensor, out_dtype: torch.dtype,
-                   power_of_two: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """x (M, K) @ weight^T -> y (M, N) in out_dtype, and what backward needs: x in 1x128 tiles and
-    the weight in 128x128 blocks."""
-    ops = _ops(x.device)
-    x_q, x_s = ops.quantize_tiles(x, power_of_two)
-    w_q, w_s = ops.quantize_blocks(weight, power_of_two)
-    y = gemm(x_q, x_s, w_q, w_s, b_blocks=True, out_dtype=out_dtype)[:, :weight.shape[0]]
-    return y.contiguous(), x_q, x_s, w_q, w_s
-
-
-@linear_forward.register_fake
-def _(x, weight, out_dtype, power_of_two):
-    (m, k), n = x.shape, weight.shape[0]
-    w_q = weight.new_empty((padded(n), padded(k)), dtype=E4M3)
-    w_s = weight.new_empty((padded(n) // TILE, padded(k) // TILE), dtype=torch.float32)
-    return x.new_empty((m, n), dtype=out_dtype), *_fp8(x, m, padded(k)), w_q, w_s
-
-
-@custom_op("dsv3::fp8_linear_backward", mutates_args=())
-def linear_backward(grad: Tensor, x_q: Tensor, x_s: Tensor, w_q: Tensor, w_s: Tensor, k: int,
-                    x_dtype: torch.dtype, power_of_two: bool) -> tuple[Tensor, Tensor]:
-    """grad (M, N) -> dx (M, k) in x_dtype and dW (N, k) in FP32."""
-    ops = _ops(grad.device)
-    n = grad.shape[1]
-    g_q, g_s = ops.quantize_tiles(grad, power_of_two)
-    # dx = dy @ W: W's blocks transposed are the 128x128 blocks of W^T
-    dx = gemm(g_q, g_s, w_q.t().contiguous(), w_s.t().contiguous(), b_blocks=True, out_dtype=torch.float32)
-    # dW = dy^T @ x over tokens: 128x1 tiles of dy and of x (x from its cached FP8 copy)
-    gt_q, gt_s = ops.quantize_tiles_transposed(grad, power_of_two)
-    xt_q, xt_s = ops.quantize_tiles_transposed(x_q, power_of_two, x_scale=x_s)
-    dw = gemm(gt_q, gt_s, xt_q, xt_s, b_blocks=False, out_dtype=torch.float32)[:n, :k]
-    return dx[:, :k].to(x_dtype).contiguous(), dw.contiguous()
-
-
-@linear_backward.register_fake
-def _(grad, x_q, x_s, w_q, w_s, k, x_dtype, power_of_two):
-    m, n = grad.shape
-    return grad.new_empty((m, k), dtype=x_dtype), grad.new_empty((n, k), dtype=torch.float32)
-
-
 class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, out_dtype: torch.dtype, power_of_two: bool):
+        ops = _ops(x.device)
         shape, k = x.shape, x.shape[-1]
-        y, *saved = linear_forward(x.reshape(-1, k), weight, out_dtype, power_of_two)
-        ctx.save_for_backward(*saved)
-        ctx.meta = (shape, x.dtype, power_of_two)
+        x_q, x_s = ops.quantize_tiles(x.reshape(-1, k), power_of_two)
+        w_q, w_s = ops.quantize_blocks(weight, power_of_two)
+        y = gemm(x_q, x_s, w_q, w_s, b_blocks=True, out_dtype=out_dtype)[:, :weight.shape[0]]
+        ctx.save_for_backward(x_q, x_s, w_q, w_s)
+        ctx.meta = (shape, weight.shape, x.dtype, power_of_two)
         return y.view(*shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        shape, x_dtype, power_of_two = ctx.meta
-        grad = grad.reshape(-1, grad.shape[-1])
-        dx, dw = linear_backward(grad, *ctx.saved_tensors, shape[-1], x_dtype, power_of_two)
-        return dx.view(shape), dw, None, None
+        x_q, x_s, w_q, w_s = ctx.saved_tensors
+        shape, (n, k), x_dtype, power_of_two = ctx.meta
+        ops = _ops(grad.device)
+        grad = grad.reshape(-1, n)
+        g_q, g_s = ops.quantize_tiles(grad, power_of_two)
+        # dx = dy @ W: W's blocks transposed are the 128x128 blocks of W^T
+        dx = gemm(g_q, g_s, w_q.t().contiguous(), w_s.t().contiguous(), b_blocks=True, out_dtype=torch.float32)
+        # dW = dy^T @ x over tokens: 128x1 tiles of dy and of x (x from its cached FP8 copy)
+        gt_q, gt_s = ops.quantize_tiles_transposed(grad, power_of_two)
+        xt_q, xt_s = ops.quantize_tiles_transposed(x_q, power_of_two, x_scale=x_s)
+        dw = gemm(gt_q, gt_s, xt_q, xt_s, b_blocks=False, out_dtype=torch.float32)[:n, :k]
+        return dx[:, :k].to(x_dtype).view(shape), dw, None, None
 
 
 class FP8Linear(nn.Linear):

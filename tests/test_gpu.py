@@ -110,6 +110,44 @@ def test_fp8_linear_on_gpu_equals_the_cpu_emulation():
         assert relative_error(gpu, cpu) < 4e-3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="cuBLASLt blockwise FP8 needs Hopper")
+def test_compiled_fp8_linear_equals_the_eager_one():
+    """FP8Linear under torch.compile (Inductor quantises with its own fused kernels, padded and laid
+    out for cuBLASLt) against eager (our Triton kernels), forward and backward, behind an RMSNorm as
+    in the model. Both compute the same scales exactly (a max, then one division); a quotient may
+    differ in its last bit where Inductor's division is not IEEE-rounded, which moves an element
+    by one E4M3 step only when it sits on a rounding boundary: the results agree to 1e-3, where one
+    wrong scale or layout is off by far more. Also opcheck on the cuBLASLt operator."""
+    from torch import nn
+
+    from dsv3.fp8 import gemm, quant
+    from dsv3.fp8.linear import FP8Linear
+    from dsv3.model.norm import RMSNorm
+
+    torch.manual_seed(0)
+    norm, linear = RMSNorm(384).cuda(), nn.Linear(384, 200, bias=False).cuda()
+    linear.__class__ = FP8Linear
+    x, dy = _fp8_data(4 * 260, 384, seed=7).cuda().view(4, 260, 384), _fp8_data(4 * 260, 200, seed=8).cuda()
+
+    def run(fn):
+        linear.weight.grad = None
+        xd = x.detach().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(xd)
+        y.backward(dy.view(4, 260, 200).to(y.dtype))
+        return [t.detach().float() for t in (y, xd.grad, linear.weight.grad)]
+
+    eager = run(lambda t: linear(norm(t)))
+    compiled = run(torch.compile(lambda t: linear(norm(t)), fullgraph=True))
+    for name, got, want in zip(("y", "dx", "dw"), compiled, eager):
+        assert relative_error(got, want) < 1e-3, name
+    a_q, a_s = quant.quantize_tiles(x.view(-1, 384))
+    b_q, b_s = quant.quantize_blocks(linear.weight.detach())
+    torch.library.opcheck(gemm.scaled_mm, gemm.cublas_operands(a_q, a_s, b_q, b_s, True) + (True,),
+                          test_utils=("test_autograd_registration", "test_faketensor"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="FP8 tensor cores need compute capability 8.9")
 def test_fp8_grouped_experts_on_gpu_equal_the_cpu_emulation():
