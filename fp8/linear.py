@@ -11,9 +11,10 @@ gradients stay FP32. Quantisation runs the Triton kernels on CUDA and the torch 
 elsewhere; the Linear's GEMMs run cuBLASLt on Hopper (`gemm.py`), the experts' run our grouped
 Triton GEMMs (`grouped.py`), and both the exact emulation elsewhere.
 
-Under torch.compile no FP8 layer breaks a block's graph. The Linear is traced: its quantisation is
-the reference's torch ops, which Inductor fuses with the ops around them, and its GEMMs call the
-`scaled_mm` operator. The experts' forward and backward are custom operators (`torch.library`)
+Under torch.compile no FP8 layer breaks a block's graph. The Linear is traced: the quantisation of
+its input and of the output gradient is the reference's torch ops, which Inductor fuses with the
+ops around them, its GEMMs call the `scaled_mm` operator, and the weight gradient (with its
+transposing quantisation) is an operator, `linear_wgrad`. The experts' forward and backward are custom operators (`torch.library`)
 that a compiled graph calls as they run eagerly: traced into a graph, their Triton kernels and TMA
 descriptors gave wrong gradients (the global norm overflowed at the first step on an H200).
 """
@@ -69,11 +70,25 @@ class FP8LinearFunction(torch.autograd.Function):
         g_q, g_s = ops.quantize_tiles(grad, power_of_two)
         # dx = dy @ W: W's blocks transposed are the 128x128 blocks of W^T
         dx = gemm(g_q, g_s, w_q.t().contiguous(), w_s.t().contiguous(), b_blocks=True, out_dtype=torch.float32)
-        # dW = dy^T @ x over tokens: 128x1 tiles of dy and of x (x from its cached FP8 copy)
-        gt_q, gt_s = ops.quantize_tiles_transposed(grad, power_of_two)
-        xt_q, xt_s = ops.quantize_tiles_transposed(x_q, power_of_two, x_scale=x_s)
-        dw = gemm(gt_q, gt_s, xt_q, xt_s, b_blocks=False, out_dtype=torch.float32)[:n, :k]
+        dw = linear_wgrad(grad, x_q, x_s, power_of_two)[:n, :k]
         return dx[:, :k].to(x_dtype).view(shape), dw, None, None
+
+
+@custom_op("dsv3::fp8_linear_wgrad", mutates_args=())
+def linear_wgrad(grad: Tensor, x_q: Tensor, x_s: Tensor, power_of_two: bool) -> Tensor:
+    """dW = dy^T @ x over tokens, in FP32, (N, K padded): 128x1 tiles of dy and of x (x from its
+    cached FP8 copy). An operator so that compiled graphs, too, run the transposing quantisation on
+    our Triton kernel (one pass, tiles staged through shared memory) rather than as a reduction
+    across rows."""
+    ops = _ops(grad.device)
+    gt_q, gt_s = ops.quantize_tiles_transposed(grad, power_of_two)
+    xt_q, xt_s = ops.quantize_tiles_transposed(x_q, power_of_two, x_scale=x_s)
+    return gemm(gt_q, gt_s, xt_q, xt_s, b_blocks=False, out_dtype=torch.float32).contiguous()
+
+
+@linear_wgrad.register_fake
+def _(grad, x_q, x_s, power_of_two):
+    return grad.new_empty((grad.shape[1], x_q.shape[1]), dtype=torch.float32)
 
 
 class FP8Linear(nn.Linear):

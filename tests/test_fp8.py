@@ -218,8 +218,8 @@ def _fp8_layers():
     return linear, experts
 
 
-def test_fp8_experts_operators_pass_opcheck():
-    """The experts' two operators: schemas, fake (meta) kernels and autograd registration agree with
+def test_fp8_operators_pass_opcheck():
+    """The experts' two operators and the Linear's weight gradient: schemas, fake (meta) kernels and autograd registration agree with
     what they compute (torch.library.opcheck), which torch.compile relies on to call them from a
     graph. opcheck's schema and AOT checks do arithmetic on E4M3 inputs or outputs, which the CPU
     lacks, so they run where they can (the forward's schema); the compiled test below covers AOT
@@ -233,6 +233,9 @@ def test_fp8_experts_operators_pass_opcheck():
     torch.library.opcheck(ops.experts_forward, (rows, experts.w1, experts.w3, experts.w2, groups, torch.float32, True),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     torch.library.opcheck(ops.experts_backward, (torch.randn(350, 160), *saved, groups, 64, torch.float32, True),
+                          test_utils=("test_autograd_registration", "test_faketensor"))
+    x_q, x_s = quantize_tiles(data(300, 200, seed=1))
+    torch.library.opcheck(ops.linear_wgrad, (data(300, 150, seed=2), x_q, x_s, False),
                           test_utils=("test_autograd_registration", "test_faketensor"))
 
 
