@@ -176,6 +176,13 @@ def test_fp8_compile_check_smoke():
     assert 0 < lines["fp8 eager"]["rel_diff_to_bf16_eager"] < 2 ** -3
 
 
+def test_fp8_host_smoke():
+    lines = json_lines(run("fp8_host.py", "--smoke"))
+    assert [line["mode"] for line in lines] == ["bf16", "fp8 eager", "fp8 compiled"]
+    for line in lines:
+        assert 0 < line["host_us"] <= line["drained_us"], line
+
+
 def test_plot_overlap_draws_both_traces(tmp_path):
     pytest.importorskip("matplotlib")
     kernels = [{"cat": "kernel", "name": "gemm", "ts": 1000.0 * i, "dur": 600.0, "args": {"stream": 7}}
