@@ -14,9 +14,10 @@ Triton GEMMs (`grouped.py`), and both the exact emulation elsewhere.
 Under torch.compile no FP8 layer breaks a block's graph. The Linear is traced: the quantisation of
 its input and of the output gradient is the reference's torch ops, which Inductor fuses with the
 ops around them, its GEMMs call the `scaled_mm` operator, and the weight gradient (with its
-transposing quantisation) is an operator, `linear_wgrad`. The experts' forward and backward are custom operators (`torch.library`)
-that a compiled graph calls as they run eagerly: traced into a graph, their Triton kernels and TMA
-descriptors gave wrong gradients (the global norm overflowed at the first step on an H200).
+transposing quantisation) is an operator, `linear_wgrad`. The experts' forward and backward are
+custom operators (`torch.library`) that a compiled graph calls as they run eagerly: traced into a
+graph, their Triton kernels and TMA descriptors gave wrong gradients (the global norm overflowed at
+the first step on an H200).
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def linear_wgrad(grad: Tensor, x_q: Tensor, x_s: Tensor, power_of_two: bool) -> 
     ops = _ops(grad.device)
     gt_q, gt_s = ops.quantize_tiles_transposed(grad, power_of_two)
     xt_q, xt_s = ops.quantize_tiles_transposed(x_q, power_of_two, x_scale=x_s)
-    return gemm(gt_q, gt_s, xt_q, xt_s, b_blocks=False, out_dtype=torch.float32).contiguous()
+    return gemm(gt_q, gt_s, xt_q, xt_s, b_blocks=False, out_dtype=torch.float32)
 
 
 @linear_wgrad.register_fake

@@ -83,7 +83,7 @@ def test_fp8_triton_kernels_equal_the_reference_on_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-                    reason="cuBLASLt blockwise FP8 needs Hopper")
+                    reason="needs a Hopper GPU (compute capability 9.0): cuBLASLt has blockwise FP8 GEMMs only there")
 def test_fp8_cublas_gemms_equal_the_emulation():
     from dsv3.fp8 import gemm, quant
 
@@ -111,7 +111,7 @@ def test_fp8_linear_on_gpu_equals_the_cpu_emulation():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-                    reason="cuBLASLt blockwise FP8 needs Hopper")
+                    reason="needs a Hopper GPU (compute capability 9.0): cuBLASLt has blockwise FP8 GEMMs only there")
 def test_compiled_fp8_linear_equals_the_eager_one():
     """FP8Linear under torch.compile (Inductor quantises with its own fused kernels, padded and laid
     out for cuBLASLt) against eager (our Triton kernels), forward and backward, behind an RMSNorm as
@@ -149,7 +149,7 @@ def test_compiled_fp8_linear_equals_the_eager_one():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-                    reason="FP8 tensor cores need compute capability 8.9")
+                    reason="needs a GPU with FP8 tensor cores (compute capability 8.9 or newer)")
 def test_fp8_grouped_experts_on_gpu_equal_the_cpu_emulation():
     """Triton grouped GEMMs (Fprop, Dgrad, Wgrad) and SwiGLU kernels against the emulation,
     with an expert that gets no rows, one with several tiles and one with a partial tile."""
