@@ -14,8 +14,10 @@ balanced but not multiples of 128, and Zipf-skewed (some experts get none).
 
     python benchmarks/grouped_fp8.py [--iters 20] [--sweep] [--before DIR]
 
---sweep also times tile/pipelining variants of the FP8 kernels on a few shapes; --before DIR times
-another checkout's fp8 kernels (DIR/fp8/kernels.py) on the same operands: the before/after table.
+--sweep also times tile/pipelining variants of the FP8 kernels, and the columns per program of the
+transposing quantisation, on a few shapes; --before DIR times another checkout's fp8 kernels
+(DIR/fp8/kernels.py) on the same operands, its quantisation too where it has the same functions:
+the before/after table.
 Times are medians of CUDA-event timings after warm-up.
 
     python benchmarks/grouped_fp8.py --smoke   (tiny shapes on the CPU, seconds)
@@ -111,8 +113,9 @@ def fp8_gemms(o, groups, k, n, kernels=None, config=None):
     if kernels is None and config is None:
         gemm, wgrad = grouped.grouped_gemm, grouped.grouped_wgrad
     else:
-        from dsv3.fp8 import kernels as ours
-        gemm, wgrad = ours.launch_grouped_gemm, ours.launch_grouped_wgrad
+        if kernels is None:
+            from dsv3.fp8 import kernels
+        gemm, wgrad = kernels.launch_grouped_gemm, kernels.launch_grouped_wgrad
     return {"fprop": lambda: gemm(o["x_q"], o["x_s"], o["w_qt"], o["w_st"], groups, torch.bfloat16, n, **extra),
             "dgrad": lambda: gemm(o["dy_q"], o["dy_s"], o["w_q"], o["w_s"], groups, torch.bfloat16, k, **extra),
             "wgrad": lambda: wgrad(*o["x_t"], *o["dy_t"], groups, k, (n,), **extra)}
@@ -153,6 +156,9 @@ def case(name, shape, layout, device, iters, before, sweep, generator):
         if before is not None:
             old = fp8_gemms(o, groups, k, n, kernels=before)
             t_old = seconds(old[gemm], iters, cuda)
+            if hasattr(before, "quantize_tiles_transposed"):  # the other checkout's quantisation kernels
+                row["before_quant_ms"] = round(seconds(fp8_operands(before, x, dy, w, groups, n)[1][gemm], iters,
+                                                       cuda) * 1e3, 3)
             new_out, old_out = first(ours[gemm]()).float(), first(old[gemm]()).float()
             old_out = old_out[:, :new_out.shape[1]] if gemm != "wgrad" else old_out[:, :k, :n]
             row.update(before_tflops=tflops(flop, t_old), before_vs_bf16=None if t_bf16 is None else round(t_bf16 / t_old, 3),
@@ -172,6 +178,12 @@ def case(name, shape, layout, device, iters, before, sweep, generator):
                     failure = None
                 print(json.dumps({"sweep": name, "counts": layout, "gemm": gemm, **dataclasses.asdict(config),
                                   "fp8_tflops": tflops(flop, t), "failure": failure}), flush=True)
+        for cols in (32, 64, 128)[:1 if device.type == "cpu" else 3]:  # the transposing quantisation's programs
+            def transposed():
+                kernels.quantize_tiles_transposed(o["x_q"], False, groups, x_scale=o["x_s"], cols=cols)
+                kernels.quantize_tiles_transposed(dy, False, groups, cols=cols)
+            print(json.dumps({"sweep": name, "counts": layout, "gemm": "wgrad quantisation", "transposed_cols": cols,
+                              "ms": round(seconds(transposed, iters, cuda) * 1e3, 3)}), flush=True)
 
 
 def sweep_configs(kernels):

@@ -229,6 +229,7 @@ def count_one_step(step) -> dict:
         total, calls = kernels.get(e.name, (0.0, 0))
         kernels[e.name] = (total + e.time_range.elapsed_us() / 1e3, calls + 1)
     top = sorted(kernels.items(), key=lambda item: -item[1][0])[:int(os.environ.get("TITAN_STEP_KERNELS", "0"))]
+    ops = top_ops(step, int(os.environ.get("TITAN_STEP_OPS", "0")))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -239,7 +240,26 @@ def count_one_step(step) -> dict:
     syncs = sum("synchronizing" in str(w.message) for w in caught)
     return {"gpu_ops": len(gpu_ops), "gpu_busy_ms": sum(e.time_range.elapsed_us() for e in gpu_ops) / 1e3,
             "host_syncs": syncs, **({"top_kernels": [[name[:90], round(ms, 3), calls] for name, (ms, calls) in top]}
-                                    if top else {})}
+                                    if top else {}), **ops}
+
+
+def top_ops(step, n: int) -> dict:
+    """One more step, profiled on host and GPU with input shapes: the n operators (aten ops, custom
+    operators, Inductor's kernels) with the most GPU time of their own, and the n with the most host
+    time of their own, each as [name, input shapes, GPU ms, host ms, calls]. Shapes tell the head's
+    GEMM from the projections'; host time is what a host-bound step spends where (the profiler adds
+    its own, about the same for every call)."""
+    if not n:
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = [[e.key[:60], str(e.input_shapes)[:120], round(e.self_device_time_total / 1e3, 3),
+             round(e.self_cpu_time_total / 1e3, 3), e.count] for e in prof.key_averages(group_by_input_shape=True)]
+    return {"top_gpu_ops": sorted(rows, key=lambda row: -row[2])[:n],
+            "top_host_ops": sorted(rows, key=lambda row: -row[3])[:n]}
 
 
 def run_dsv3(cfg: Config, compiled: bool, args) -> dict:
@@ -297,7 +317,7 @@ def launch(args, config: str, system: str) -> dict:
                "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--compile-backend", args.compile_backend, "--dsv3-compile", args.dsv3_compile,
                *(["--smoke"] if args.smoke else [])]
-    env = {**os.environ, "TITAN_STEP_KERNELS": str(args.kernels)}
+    env = {**os.environ, "TITAN_STEP_KERNELS": str(args.kernels), "TITAN_STEP_OPS": str(args.ops)}
     if args.trace and os.environ.get("OUT"):
         env["TITAN_STEP_TRACE"] = str(Path(os.environ["OUT"]) / f"trace_{config}_{system.replace(' ', '_')}.json")
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -324,6 +344,8 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true", help="write each profiled step's timeline under $OUT")
     parser.add_argument("--kernels", type=int, default=0,
                         help="list the N GPU operations of the profiled step with the most time (in the JSON)")
+    parser.add_argument("--ops", type=int, default=0,
+                        help="list the N operators with the most GPU time, with input shapes and host time (JSON)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()

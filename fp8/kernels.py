@@ -103,6 +103,10 @@ def _expert_blocks_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, rows, cols, rows_pad, out
     tl.store(s_ptr + (e * (rows_pad // BLOCK) + tl.program_id(0)) * blocks + col_offset // BLOCK + tl.program_id(1), scale)
 
 
+ELEMENTWISE_ROWS = 16  # rows per program of the tile-wise kernels
+TRANSPOSED_COLS = 32  # columns per program of the transposing one
+
+
 def quantize_expert_blocks(weights: list[torch.Tensor], power_of_two: bool = False):
     """See quant.quantize_expert_blocks (the reference): one pass over each weight writes its blocks
     in both orientations, the forward's and the backward's."""
@@ -134,11 +138,13 @@ def quantize_tiles(x: torch.Tensor, power_of_two: bool = False) -> tuple[torch.T
 
 
 def quantize_tiles_transposed(x: torch.Tensor, power_of_two: bool = False, groups: Groups | None = None,
-                              x_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              x_scale: torch.Tensor | None = None,
+                              cols: int = TRANSPOSED_COLS) -> tuple[torch.Tensor, torch.Tensor]:
     """x (rows, k) -> the 1x128-tile quantisation of x^T: q (k, P), scales (k, P/128), with the
     rows cut into tiles per expert when `groups` is given (P = 128 * groups.n_tiles) and in one
     run otherwise (P = rows padded). With `x_scale`, x is E4M3 with those 1x128 scales (k is then
-    its padded width; the FP8 activation cache) and is dequantised first."""
+    its padded width; the FP8 activation cache) and is dequantised first. Each program reads
+    128 rows x `cols` columns."""
     x = x.contiguous()
     rows, k = x.shape
     if groups is None:
@@ -149,7 +155,6 @@ def quantize_tiles_transposed(x: torch.Tensor, power_of_two: bool = False, group
     rows_pad = TILE * start.numel()
     q = torch.empty((k, rows_pad), dtype=E4M3, device=x.device)
     s = torch.empty((rows_pad // TILE, k), dtype=torch.float32, device=x.device)
-    cols = 32
     if rows_pad:
         _tiles_transposed_kernel[(start.numel(), triton.cdiv(k, cols))](
             x, x if x_scale is None else x_scale, q, s, start, end, k, k, rows_pad,
@@ -220,8 +225,6 @@ def _swiglu_backward_kernel(cache_ptr, cache_scale_ptr, dh_ptr, h_ptr, dgu_ptr, 
     tl.store(dgu_ptr + row * 2 * inter + cols, dgate.to(dgu_ptr.dtype.element_ty), mask=mask[:, None])
     tl.store(dgu_ptr + row * 2 * inter + inter + cols, (dh * silu).to(dgu_ptr.dtype.element_ty), mask=mask[:, None])
 
-
-ELEMENTWISE_ROWS = 16  # rows per program of the tile-wise kernels
 
 
 def swiglu_quantize(gu: torch.Tensor, power_of_two: bool = False):

@@ -55,18 +55,25 @@ def test_fp8_gemm_smoke(tmp_path):
 
 
 def test_grouped_fp8_smoke(tmp_path):
-    """Every GEMM of every counts layout has an FP8 time and a quantisation time, and the sweep's
-    first two variants' Triton kernels run in the interpreter and each has a figure."""
+    """Every GEMM of every counts layout has an FP8 time and a quantisation time, also for the
+    kernels of another checkout (this one), and the sweep's first two variants' Triton kernels and
+    one transposing quantisation run in the interpreter and each has a figure."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    lines = json_lines(run("grouped_fp8.py", "--smoke", "--sweep", cwd=tmp_path, env=env))
+    lines = json_lines(run("grouped_fp8.py", "--smoke", "--sweep", "--before", str(BENCHMARKS.parent), cwd=tmp_path,
+                                env=env))
     rows = [line for line in lines if "case" in line]
     assert {(r["counts"], r["gemm"]) for r in rows} == {(c, g) for c in ("balanced", "ragged", "zipf")
                                                         for g in ("fprop", "dgrad", "wgrad")}
     for r in rows:
         assert r["fp8_tflops"] > 0 and r["quant_ms"] > 0 and r["bf16_tflops"] is None, r
+        # here "before" is this checkout's Triton kernels in the interpreter and "now" the exact emulation: equal
+        # within the GPU test's bound for tensor cores against the emulation (test_gpu.py, 2e-2)
+        assert r["before_tflops"] > 0 and r["before_quant_ms"] > 0 and r["new_vs_before_max_rel"] < 2e-2, r
     sweep = [line for line in lines if "sweep" in line]
-    assert len(sweep) == 3 * 2 and all(s["fp8_tflops"] > 0 for s in sweep), sweep
+    gemms = [s for s in sweep if s["gemm"] != "wgrad quantisation"]
+    assert len(gemms) == 3 * 2 and all(s["fp8_tflops"] > 0 for s in gemms), sweep
+    assert [s["transposed_cols"] for s in sweep if s["gemm"] == "wgrad quantisation"] == [32], sweep
 
 
 def test_expert_gemm_smoke(tmp_path):
