@@ -6,7 +6,7 @@ with carry [".whl"]; device_env.sh installs the wheels, torchtitan's included, a
     source benchmarks/device_env.sh && python3 benchmarks/titan_step.py
 
     python benchmarks/titan_step.py [--configs small,v2_lite_4l] [--systems ...] [--batch 4] [--seq-len 4096]
-        [--steps 10] [--warmup 3] [--compile-backend inductor] [--dsv3-compile harness]
+        [--steps 10] [--warmup 3] [--compile-backend inductor] [--dsv3-compile harness] [--kernels N] [--ops N]
     python benchmarks/titan_step.py --smoke   (dsv3 only, the tiny recipe on the CPU, seconds)
 
 Both systems train the same model (same arguments, mapped by `titan_model_args`; parameter counts
@@ -24,7 +24,8 @@ Each (config, system) runs in its own subprocess, so memory peaks and compile ca
 Step time is the median over --steps steps (CUDA events) after --warmup steps; peak memory is
 torch.cuda.max_memory_allocated over the timed steps; one more step is profiled for the GPU
 operations it launches and their busy time, and one more runs under torch's sync debug mode to count
-the host syncs it asks for; MFU uses dsv3's FLOP count for both,
+the host syncs it asks for (with --ops N, one more is profiled on host and GPU: the N operators
+with the most time of their own on each, by input shape); MFU uses dsv3's FLOP count for both,
 dsv3.model.count(cfg, seq_len).flop_per_token, against the GPU's dense BF16 peak. Each row is printed as
 it is measured, the table at the end, and the results so far, as JSON, to $OUT/titan_step.json
 when $OUT is set.
@@ -210,7 +211,8 @@ def measure(step, device: torch.device, steps: int, warmup: int) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     timed = {"step_ms": median_ms(step, warmup=0, iters=steps, cuda=cuda), "peak_gib": peak_gib(device)}
-    return {**timed, **(count_one_step(step) if cuda else {})}
+    return {**timed, **(count_one_step(step) if cuda else {}),
+            **top_ops(step, int(os.environ.get("TITAN_STEP_OPS", "0")), cuda)}
 
 
 def count_one_step(step) -> dict:
@@ -229,7 +231,6 @@ def count_one_step(step) -> dict:
         total, calls = kernels.get(e.name, (0.0, 0))
         kernels[e.name] = (total + e.time_range.elapsed_us() / 1e3, calls + 1)
     top = sorted(kernels.items(), key=lambda item: -item[1][0])[:int(os.environ.get("TITAN_STEP_KERNELS", "0"))]
-    ops = top_ops(step, int(os.environ.get("TITAN_STEP_OPS", "0")))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -240,10 +241,10 @@ def count_one_step(step) -> dict:
     syncs = sum("synchronizing" in str(w.message) for w in caught)
     return {"gpu_ops": len(gpu_ops), "gpu_busy_ms": sum(e.time_range.elapsed_us() for e in gpu_ops) / 1e3,
             "host_syncs": syncs, **({"top_kernels": [[name[:90], round(ms, 3), calls] for name, (ms, calls) in top]}
-                                    if top else {}), **ops}
+                                    if top else {})}
 
 
-def top_ops(step, n: int) -> dict:
+def top_ops(step, n: int, cuda: bool) -> dict:
     """One more step, profiled on host and GPU with input shapes: the n operators (aten ops, custom
     operators, Inductor's kernels) with the most GPU time of their own, and the n with the most host
     time of their own, each as [name, input shapes, GPU ms, host ms, calls]. Shapes tell the head's
@@ -253,9 +254,11 @@ def top_ops(step, n: int) -> dict:
         return {}
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])],
+                 record_shapes=True) as prof:
         step()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
     rows = [[e.key[:60], str(e.input_shapes)[:120], round(e.self_device_time_total / 1e3, 3),
              round(e.self_cpu_time_total / 1e3, 3), e.count] for e in prof.key_averages(group_by_input_shape=True)]
     return {"top_gpu_ops": sorted(rows, key=lambda row: -row[2])[:n],

@@ -108,7 +108,7 @@ def test_pipeline_step_smoke_on_two_gloo_ranks(tmp_path):
 
 def test_titan_step_smoke_runs_dsv3_and_names_torchtitan(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path)}
-    stdout = run("titan_step.py", "--smoke", cwd=tmp_path, env=env)
+    stdout = run("titan_step.py", "--smoke", "--ops", "5", cwd=tmp_path, env=env)
     rows = {(r[0], r[1]): r[2:] for r in table(stdout)[2:]}
     for system in ("dsv3 eager", "dsv3 compiled"):
         tokens_per_s, mfu, peak, step_ms, gpu_ops, busy_ms, syncs = rows["tiny", system]
@@ -120,6 +120,9 @@ def test_titan_step_smoke_runs_dsv3_and_names_torchtitan(tmp_path):
     saved = json.loads((tmp_path / "titan_step.json").read_text())
     assert [r["system"] for r in saved["rows"]] == ["dsv3 eager", "dsv3 compiled", "torchtitan eager",
                                                      "torchtitan compiled"]
+    for row in saved["rows"][:2]:  # --ops: the operators with the most host time (no GPU time on the CPU)
+        assert len(row["top_host_ops"]) == 5 and row["top_host_ops"][0][3] > 0, row
+        assert all(op[2] == 0 for op in row["top_gpu_ops"]), row
 
 
 V2_LITE_4L = dict(vocab_size=102400, dim=2048, inter_dim=10944, moe_inter_dim=1408, n_layers=4, n_dense_layers=1,
