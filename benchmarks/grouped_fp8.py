@@ -190,7 +190,7 @@ def sweep_configs(kernels):
     base = kernels.GemmConfig()
     yield from (dataclasses.replace(base, **change) for change in (
         {}, {"stages": 3}, {"stages": 5}, {"warps": 4}, {"warps": 4, "stages": 3}, {"group_tiles": 1},
-        {"group_tiles": 16}, {"block_n": 256, "stages": 3}, {"block_n": 256, "stages": 4},
+        {"group_tiles": 16}, {"block_n": 64, "stages": 6}, {"block_n": 64, "warps": 4, "stages": 4},
         {"block_n": 64, "warps": 4, "stages": 6}))
 
 

@@ -256,9 +256,10 @@ def swiglu_backward(cache: torch.Tensor, cache_scale: torch.Tensor, dh: torch.Te
 @triton.jit
 def _grouped_gemm_kernel(a_desc, a_scale_ptr, b_desc, b_scale_ptr, c_ptr, expert_ptr, start_ptr, end_ptr, n_tiles,
                          n, n_out, k, BLOCK_N: tl.constexpr, TILE_K: tl.constexpr, GROUP_TILES: tl.constexpr):
-    """One 128-row tile of one expert times BLOCK_N columns of that expert's weight. Both operands
-    arrive by TMA (rows past the tile's expert are loaded and never stored); programs go through
-    GROUP_TILES row tiles for each column block so that the weight block they share stays in L2."""
+    """One 128-row tile of one expert times BLOCK_N (at most 128) columns of that expert's weight,
+    which lie in one 128x128 block per K step: one weight scale per step. Both operands arrive by
+    TMA (rows past the tile's expert are loaded and never stored); programs go through GROUP_TILES
+    row tiles for each column block so that the weight block they share stays in L2."""
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(n, BLOCK_N)
     per_group = GROUP_TILES * n_blocks
@@ -277,15 +278,16 @@ def _grouped_gemm_kernel(a_desc, a_scale_ptr, b_desc, b_scale_ptr, c_ptr, expert
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     b_row = expert * n + col_block * BLOCK_N
     a_scale_ptrs = a_scale_ptr + rows * k_tiles
-    b_scale_ptrs = b_scale_ptr + (expert.to(tl.int64) * (n // TILE_K) + cols // TILE_K) * k_tiles
+    b_scale_ptrs = b_scale_ptr + (expert.to(tl.int64) * (n // TILE_K) + col_block * BLOCK_N // TILE_K) * k_tiles
     acc = tl.zeros((TILE_K, BLOCK_N), dtype=tl.float32)
     for kt in range(k_tiles):
         a = a_desc.load([start, kt * TILE_K])
         b = b_desc.load([b_row, kt * TILE_K])
-        a_scale = tl.load(a_scale_ptrs + kt, mask=row_mask, other=0.0)
-        b_scale = tl.load(b_scale_ptrs + kt)
-        # one K group: E4M3 products on the tensor cores, promoted to FP32 with both scales
-        acc += tl.dot(a, b.T) * a_scale[:, None] * b_scale[None, :]
+        # one K group: E4M3 products on the tensor cores, promoted to FP32 with both scales. The
+        # promotion runs in the warps that issue the products, so it is kept to one FMA per element:
+        # the row's scale times the block's, then product * scale + acc
+        scale = tl.load(a_scale_ptrs + kt, mask=row_mask, other=0.0) * tl.load(b_scale_ptrs + kt)
+        acc += tl.dot(a, b.T) * scale[:, None]
     out = c_ptr + rows[:, None] * n_out + cols[None, :]
     tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols[None, :] < n_out))
 
@@ -349,6 +351,7 @@ def launch_grouped_gemm(a, a_scale, b, b_scale, groups: Groups, out_dtype: torch
     rows, k = a.shape
     n_experts, n = b.shape[0], b.shape[1]
     n_out = n if n_out is None else n_out
+    assert config.block_n <= TILE, "the kernel takes one weight scale per K step: block_n at most 128"
     out = torch.empty((rows, n_out), dtype=out_dtype, device=a.device)
     if rows:
         b = b.contiguous().view(n_experts * n, k)
