@@ -64,6 +64,9 @@ CONFIGS = {  # name: dsv3 recipe overrides
     # FP8 only where both widths are >= 384 (all but MLA's KV projections) or >= 512 (W_O, dense MLP)
     "small_fp8_w384": ["model=small", "model.mtp_depth=0", "precision=fp8", "fp8.min_width=384"],
     "small_fp8_w512": ["model=small", "model.mtp_depth=0", "precision=fp8", "fp8.min_width=512"],
+    # FP8 for every GEMM the report lists but the routed experts
+    "v2_lite_4l_fp8_dense": ["model=v2_lite_16b", "model.n_layers=4", "model.mtp_depth=0", "precision=fp8",
+                             "fp8.routed_experts=false"],
 }
 DSV3_ONLY = {  # configs that only dsv3 runs, and why
     "small_mtp": "torchtitan has no multi-token prediction",
@@ -71,6 +74,7 @@ DSV3_ONLY = {  # configs that only dsv3 runs, and why
     "small_fp8": "FP8 compares with dsv3's BF16 row",
     "small_fp8_w384": "FP8 compares with dsv3's BF16 row",
     "small_fp8_w512": "FP8 compares with dsv3's BF16 row",
+    "v2_lite_4l_fp8_dense": "FP8 compares with dsv3's BF16 row",
 }
 SMOKE_CONFIGS = {"tiny": ["model=tiny", "model.mtp_depth=0"]}
 SYSTEMS = ["dsv3 eager", "dsv3 compiled", "torchtitan eager", "torchtitan compiled"]

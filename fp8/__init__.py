@@ -24,6 +24,10 @@ class FP8Config:
     # narrow GEMMs are slower in FP8 (`small`'s experts: 0.57-0.81x BF16, benchmarks/RESULTS.md,
     # "FP8 on an H200"). 0: all.
     min_width: int = 0
+    # false: the routed experts stay in the compute dtype (and dispatch sends the rows as they are),
+    # for models where the grouped FP8 GEMMs with their quantisation are slower than BF16's
+    # `_grouped_mm`, as at V2-Lite's widths on an H200 (benchmarks/RESULTS.md, "FP8 on an H200, compiled")
+    routed_experts: bool = True
 
 
 class FP8DispatchCodec:
@@ -58,12 +62,16 @@ def convert(model: nn.Module, cfg: FP8Config) -> list[str]:
     are, and attention's core is not a Linear. Every MoE layer whose experts turn FP8 gets the FP8
     codec: expert-parallel dispatch sends FP8 (combine stays in the compute dtype), whether the
     experts were sharded before or are sharded after. GEMMs narrower than cfg.min_width are left as
-    they are. Returns the names converted."""
+    they are, and so are the routed experts when cfg.routed_experts is false. Returns the names
+    converted."""
     from .linear import FP8Linear, FP8RoutedExperts  # here: the layers import torch._dynamo (2 s), the config need not
 
     converted = []
+    def experts_convert(experts: RoutedExperts) -> bool:
+        return cfg.routed_experts and _narrow_side(experts) >= cfg.min_width
+
     for module in model.modules():
-        if isinstance(module, MoE) and _narrow_side(module.experts) >= cfg.min_width:
+        if isinstance(module, MoE) and experts_convert(module.experts):
             module.dispatcher = module.dispatcher.with_codec(FP8DispatchCodec())
     for name, module in model.named_modules():
         if type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in KEPT_IN_HIGH_PRECISION:
@@ -71,7 +79,7 @@ def convert(model: nn.Module, cfg: FP8Config) -> list[str]:
                 continue
             module.__class__ = FP8Linear
         elif type(module) is RoutedExperts:
-            if _narrow_side(module) < cfg.min_width:
+            if not experts_convert(module):
                 continue
             module.__class__ = FP8RoutedExperts
         else:

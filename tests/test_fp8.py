@@ -285,6 +285,18 @@ def test_convert_leaves_gemms_narrower_than_min_width():
     assert "layers.0.ffn.w1" in names and "layers.1.ffn.shared_experts.w1" not in names
 
 
+def test_convert_can_leave_the_routed_experts():
+    """fp8.routed_experts=false: every other GEMM the report lists turns FP8, the routed experts and
+    their dispatch stay as they are."""
+    everything, dense_only = small_model(n_layers=2, mtp_depth=0), small_model(n_layers=2, mtp_depth=0)
+    all_names = set(convert(everything, FP8Config(enabled=True)))
+    names = set(convert(dense_only, FP8Config(enabled=True, routed_experts=False)))
+    assert all_names - names == {"layers.1.ffn.experts"}
+    assert type(dense_only.layers["1"].ffn.experts) is RoutedExperts
+    assert dense_only.layers["1"].ffn.dispatcher.codec is None
+    assert isinstance(dense_only.layers["1"].ffn.shared_experts.w1, FP8Linear)
+
+
 TRITON_CHECK = textwrap.dedent("""
     import torch
     from dsv3.fp8 import kernels, quant
