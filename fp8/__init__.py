@@ -66,10 +66,10 @@ def convert(model: nn.Module, cfg: FP8Config) -> list[str]:
     converted."""
     from .linear import FP8Linear, FP8RoutedExperts  # here: the layers import torch._dynamo (2 s), the config need not
 
-    converted = []
     def experts_convert(experts: RoutedExperts) -> bool:
         return cfg.routed_experts and _narrow_side(experts) >= cfg.min_width
 
+    converted = []
     for module in model.modules():
         if isinstance(module, MoE) and experts_convert(module.experts):
             module.dispatcher = module.dispatcher.with_codec(FP8DispatchCodec())

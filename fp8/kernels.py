@@ -226,7 +226,6 @@ def _swiglu_backward_kernel(cache_ptr, cache_scale_ptr, dh_ptr, h_ptr, dgu_ptr, 
     tl.store(dgu_ptr + row * 2 * inter + inter + cols, (dh * silu).to(dgu_ptr.dtype.element_ty), mask=mask[:, None])
 
 
-
 def swiglu_quantize(gu: torch.Tensor, power_of_two: bool = False):
     """See quant.swiglu_quantize (the reference)."""
     rows, inter = gu.shape[0], gu.shape[1] // 2
