@@ -221,9 +221,9 @@ def _fp8_layers():
 def test_fp8_operators_pass_opcheck():
     """The experts' two operators and the Linear's weight gradient: schemas, fake (meta) kernels and
     autograd registration agree with what they compute (torch.library.opcheck), which torch.compile
-    relies on to call them from a graph. opcheck's schema and AOT checks do arithmetic on E4M3 inputs or outputs, which the CPU
-    lacks, so they run where they can (the forward's schema); the compiled test below covers AOT
-    dispatch."""
+    relies on to call them from a graph. opcheck's schema and AOT checks do arithmetic on E4M3
+    inputs or outputs, which the CPU lacks, so they run where they can (the forward's schema); the
+    compiled test below covers AOT dispatch."""
     from dsv3.fp8 import linear as ops
 
     _, experts = _fp8_layers()

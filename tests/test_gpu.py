@@ -7,6 +7,10 @@ from dsv3.model.attention import causal_attention
 from dsv3.model.moe import RoutedExperts, grouped_mm_supported
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_hopper = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+    reason="needs an NVIDIA GPU of compute capability 9.0 or newer (Hopper): cuBLASLt has blockwise FP8 GEMMs "
+           "only there")
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,8 +86,7 @@ def test_fp8_triton_kernels_equal_the_reference_on_gpu():
             assert got.shape == want.shape and torch.equal(got.float(), want.float())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-                    reason="needs a Hopper GPU (compute capability 9.0): cuBLASLt has blockwise FP8 GEMMs only there")
+@needs_hopper
 def test_fp8_cublas_gemms_equal_the_emulation():
     from dsv3.fp8 import gemm, quant
 
@@ -110,8 +113,7 @@ def test_fp8_linear_on_gpu_equals_the_cpu_emulation():
         assert relative_error(gpu, cpu) < 4e-3
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-                    reason="needs a Hopper GPU (compute capability 9.0): cuBLASLt has blockwise FP8 GEMMs only there")
+@needs_hopper
 def test_compiled_fp8_linear_equals_the_eager_one():
     """FP8Linear under torch.compile (Inductor quantises with its own fused kernels, padded and laid
     out for cuBLASLt) against eager (our Triton kernels), forward and backward, behind an RMSNorm as
