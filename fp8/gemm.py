@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.library import custom_op
 
-from .quant import TILE
+from .quant import E4M3, TILE
+
+CUBLAS_K = 4 * TILE  # cuBLASLt's blockwise modes take K in multiples of four 128-wide blocks
 
 
 def cublas_supported(t: torch.Tensor) -> bool:
@@ -43,40 +45,57 @@ def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, extra)) if extra else t
 
 
-def _pad_k(t: torch.Tensor, scale: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pads E4M3 rows to k columns and their 1x128 scales with ones."""
+def _pad_cols(t: torch.Tensor, k: int, value: float = 0.0) -> torch.Tensor:
+    """t (rows, c) -> (rows, k), the new columns `value` (E4M3 has no pad kernel: a copy into zeros)."""
     if t.shape[1] == k:
-        return t, scale
+        return t
+    if t.dtype != E4M3:
+        return F.pad(t, (0, k - t.shape[1]), value=value)
     wide = torch.zeros((t.shape[0], k), dtype=t.dtype, device=t.device)
     wide[:, :t.shape[1]] = t
-    return wide, F.pad(scale, (0, k // TILE - scale.shape[1]), value=1.0)
+    return wide
+
+
+def _by_columns(t: torch.Tensor) -> torch.Tensor:
+    """t laid out column-major (t.t() contiguous), copied only if it is not: the check reads the
+    strides, so an operand already in place costs no operator call."""
+    rows, cols = t.shape
+    if (rows == 1 or t.stride(0) == 1) and (cols == 1 or t.stride(1) == rows):
+        return t
+    return t.t().contiguous().t()
+
+
+def _by_rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def cublas_operands(a, a_scale, b, b_scale, b_blocks: bool):
     """The operands padded and laid out as cuBLASLt's blockwise modes require (module docstring).
-    Plain torch ops: in a compiled graph Inductor fuses them into the quantisation that produced
-    the operands, so they take no pass of their own."""
-    k = -(-a.shape[1] // (4 * TILE)) * 4 * TILE  # cuBLASLt wants the K blocks in fours
-    a, a_scale = _pad_k(_pad_rows(a, 4), _pad_rows(a_scale, 4), k)
-    a_scale = a_scale.t().contiguous().t()  # outer-dim-major
+    Plain torch ops, each only where an operand is not yet so: in a compiled graph Inductor fuses
+    them into the quantisation that produced the operands, so they take no pass of their own."""
+    k = -(-a.shape[1] // CUBLAS_K) * CUBLAS_K
+    a = _pad_cols(_pad_rows(a, 4), k)
+    a_scale = _by_columns(_pad_cols(_pad_rows(a_scale, 4), k // TILE, value=1.0))  # outer-dim-major
     if b_blocks:
-        b, _ = _pad_k(b, b_scale, k)
-        b_scale = F.pad(b_scale, (0, k // TILE - b_scale.shape[1]), value=1.0).t()  # (K/128, N/128), K-major
+        b = _pad_cols(b, k)
+        b_scale = _pad_cols(b_scale, k // TILE, value=1.0).t()  # (K/128, N/128), K-major
     else:
-        b, b_scale = _pad_k(_pad_rows(b, 4), _pad_rows(b_scale, 4), k)
-        b_scale = b_scale.t().contiguous()  # (K/128, N)
+        b = _pad_cols(_pad_rows(b, 4), k)
+        b_scale = _by_rows(_pad_cols(_pad_rows(b_scale, 4), k // TILE, value=1.0).t())  # (K/128, N)
     return a, a_scale, b, b_scale
 
 
-@custom_op("dsv3::fp8_scaled_mm", mutates_args=())
-def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+def cublas_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
               b_blocks: bool) -> torch.Tensor:
-    """a @ b^T in BF16 on cuBLASLt, for operands from `cublas_operands`. An operator, so that a
-    compiled graph cannot hand cuBLASLt other layouts: each is put in the one required (a no-op
-    when it already is)."""
-    a_scale = a_scale.t().contiguous().t()
-    b_scale = b_scale.t().contiguous().t() if b_blocks else b_scale.contiguous()
-    return torch._scaled_mm(a.contiguous(), b.contiguous().t(), a_scale, b_scale, out_dtype=torch.bfloat16)
+    """a @ b^T in BF16 on cuBLASLt, for operands from `cublas_operands`; each is put in the layout
+    required (a no-op when it already is)."""
+    b_scale = _by_columns(b_scale) if b_blocks else _by_rows(b_scale)
+    return torch._scaled_mm(_by_rows(a), _by_rows(b).t(), _by_columns(a_scale), b_scale, out_dtype=torch.bfloat16)
+
+
+# The cuBLASLt call as an operator, for traced code: a compiled graph cannot hand cuBLASLt other
+# layouts. Code that runs eagerly anyway (inside another operator) calls cublas_mm itself.
+scaled_mm = custom_op("dsv3::fp8_scaled_mm", cublas_mm, mutates_args=())
 
 
 @scaled_mm.register_fake
@@ -85,10 +104,14 @@ def _(a, a_scale, b, b_scale, b_blocks):
 
 
 def gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, b_blocks: bool,
-         out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+         out_dtype: torch.dtype = torch.float32, operator: bool = True) -> torch.Tensor:
     """a @ b^T for E4M3 a (M, K) with 1x128 scales and b (N, K) with 128x128 (b_blocks) or 1x128
-    scales; K a multiple of 128. Returns (M, N) in out_dtype."""
-    if cublas_supported(a):
-        m, n = a.shape[0], b.shape[0]
-        return scaled_mm(*cublas_operands(a, a_scale, b, b_scale, b_blocks), b_blocks)[:m, :n].to(out_dtype)
-    return emulate(a, a_scale, b, b_scale, b_blocks).to(out_dtype)
+    scales; K a multiple of 128. Returns (M, N) in out_dtype. operator=False calls cuBLASLt
+    directly rather than through the operator (for callers that are operators themselves)."""
+    if not cublas_supported(a):
+        return emulate(a, a_scale, b, b_scale, b_blocks).to(out_dtype)
+    m, n = a.shape[0], b.shape[0]
+    out = (scaled_mm if operator else cublas_mm)(*cublas_operands(a, a_scale, b, b_scale, b_blocks), b_blocks)
+    if out.shape != (m, n):
+        out = out[:m, :n]
+    return out if out.dtype == out_dtype else out.to(out_dtype)

@@ -4,7 +4,7 @@
 - `quantize_tiles_transposed`: 1x128 tiles of x^T, i.e. 128x1 tiles of x, written transposed, in
   one pass, per expert when given `Groups`, optionally dequantising an FP8 input on the way in:
   what the weight gradient needs of the saved input and of the output gradient.
-- `quantize_blocks`: 128x128 blocks (weights).
+- `quantize_weight`, `quantize_expert_blocks`: 128x128 blocks of W and of W^T (weights), in one pass.
 - `swiglu_quantize`, `swiglu_backward`: the experts' SwiGLU fused with its quantisation, and its
   backward from the FP8 cache of its input.
 - `launch_grouped_gemm`, `launch_grouped_wgrad`: the GEMMs behind `grouped.py`.
@@ -50,14 +50,21 @@ def _tiles_kernel(x_ptr, q_ptr, s_ptr, rows, k, k_pad, POW2: tl.constexpr, ROWS:
 
 
 @triton.jit
-def _tiles_transposed_kernel(x_ptr, x_scale_ptr, q_ptr, s_ptr, start_ptr, end_ptr, k, x_stride, rows_pad,
-                             DEQUANTIZE: tl.constexpr, POW2: tl.constexpr, TILE_R: tl.constexpr, COLS: tl.constexpr):
+def _tiles_transposed_kernel(x_ptr, x_scale_ptr, q_ptr, s_ptr, start_ptr, end_ptr, rows, k, x_stride, rows_pad,
+                             GROUPED: tl.constexpr, DEQUANTIZE: tl.constexpr, POW2: tl.constexpr, TILE_R: tl.constexpr,
+                             COLS: tl.constexpr):
     """Tile `tile` of rows [start, end) of x (at most 128) -> column block `tile` of q = x^T tiles.
-    With DEQUANTIZE, x is E4M3 with 1x128 scales and is dequantised on the way in."""
+    GROUPED: the tiles' rows come from start_ptr, end_ptr (per expert); otherwise tile i is rows
+    [128 i, min(128 (i + 1), rows)). With DEQUANTIZE, x is E4M3 with 1x128 scales and is
+    dequantised on the way in."""
     tile = tl.program_id(0)
     col_block = tl.program_id(1)
-    start = tl.load(start_ptr + tile).to(tl.int64)
-    end = tl.load(end_ptr + tile)
+    if GROUPED:
+        start = tl.load(start_ptr + tile).to(tl.int64)
+        end = tl.load(end_ptr + tile)
+    else:
+        start = tile.to(tl.int64) * TILE_R
+        end = rows
     r = start + tl.arange(0, TILE_R)
     c = col_block * COLS + tl.arange(0, COLS)
     mask = (r[:, None] < end) & (c[None, :] < k)
@@ -72,23 +79,11 @@ def _tiles_transposed_kernel(x_ptr, x_scale_ptr, q_ptr, s_ptr, start_ptr, end_pt
 
 
 @triton.jit
-def _blocks_kernel(w_ptr, q_ptr, s_ptr, n, k, k_pad, POW2: tl.constexpr, BLOCK: tl.constexpr):
-    bn = tl.program_id(0)
-    bk = tl.program_id(1)
-    r = bn * BLOCK + tl.arange(0, BLOCK)
-    c = bk * BLOCK + tl.arange(0, BLOCK)
-    w = tl.load(w_ptr + r[:, None] * k + c[None, :], mask=(r[:, None] < n) & (c[None, :] < k), other=0.0)
-    w = w.to(tl.float32)
-    scale = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
-    tl.store(q_ptr + r[:, None] * k_pad + c[None, :], tl.math.div_rn(w, scale).to(q_ptr.dtype.element_ty))
-    tl.store(s_ptr + bn * (k_pad // BLOCK) + bk, scale)
-
-
-@triton.jit
-def _expert_blocks_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, rows, cols, rows_pad, out_cols, col_offset,
+def _expert_blocks_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, rows, cols, rows_pad, out_cols, col_offset,
                           POW2: tl.constexpr, BLOCK: tl.constexpr):
     """Block (i, j) of expert e's w (rows, cols) -> q[e] (rows_pad, out_cols) from column col_offset
-    on, its transpose q_t[e] (out_cols, rows_pad) from row col_offset on, and its scale."""
+    on, its transpose q_t[e] (out_cols, rows_pad) from row col_offset on, and its scale in s[e]
+    (rows_pad/128, out_cols/128) and in s_t[e], transposed. A 2-d w is one expert's."""
     e = tl.program_id(2).to(tl.int64)
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -99,8 +94,10 @@ def _expert_blocks_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, rows, cols, rows_pad, out
     out_c = col_offset + c
     tl.store(q_ptr + e * rows_pad * out_cols + r[:, None] * out_cols + out_c[None, :], q)
     tl.store(qt_ptr + e * out_cols * rows_pad + out_c[None, :] * rows_pad + r[:, None], q)
-    blocks = out_cols // BLOCK
-    tl.store(s_ptr + (e * (rows_pad // BLOCK) + tl.program_id(0)) * blocks + col_offset // BLOCK + tl.program_id(1), scale)
+    row_blocks, col_blocks = rows_pad // BLOCK, out_cols // BLOCK
+    row_block, col_block = tl.program_id(0), col_offset // BLOCK + tl.program_id(1)
+    tl.store(s_ptr + (e * row_blocks + row_block) * col_blocks + col_block, scale)
+    tl.store(st_ptr + (e * col_blocks + col_block) * row_blocks + row_block, scale)
 
 
 ELEMENTWISE_ROWS = 16  # rows per program of the tile-wise kernels
@@ -116,24 +113,41 @@ def quantize_expert_blocks(weights: list[torch.Tensor], power_of_two: bool = Fal
     q = torch.empty((n_experts, rows_pad, out_cols), dtype=E4M3, device=device)
     q_t = torch.empty((n_experts, out_cols, rows_pad), dtype=E4M3, device=device)
     s = torch.empty((n_experts, rows_pad // TILE, out_cols // TILE), dtype=torch.float32, device=device)
+    s_t = torch.empty((n_experts, out_cols // TILE, rows_pad // TILE), dtype=torch.float32, device=device)
     offset = 0
     for w in weights:
         cols = w.shape[2]
         _expert_blocks_kernel[(rows_pad // TILE, padded(cols) // TILE, n_experts)](
-            w.contiguous(), q, q_t, s, rows, cols, rows_pad, out_cols, offset, POW2=power_of_two, BLOCK=TILE)
+            w.contiguous(), q, q_t, s, s_t, rows, cols, rows_pad, out_cols, offset, POW2=power_of_two, BLOCK=TILE)
         offset += padded(cols)
-    return q, s, q_t, s.transpose(1, 2).contiguous()
+    return q, s, q_t, s_t
+
+
+def quantize_weight(w: torch.Tensor, power_of_two: bool = False):
+    """See quant.quantize_weight (the reference): a Linear's W (N, K) as 128x128 blocks and W^T's,
+    in one pass (the expert kernel, for one expert)."""
+    n, k = w.shape
+    q = torch.empty((padded(n), padded(k)), dtype=E4M3, device=w.device)
+    q_t = torch.empty((padded(k), padded(n)), dtype=E4M3, device=w.device)
+    s = torch.empty((padded(n) // TILE, padded(k) // TILE), dtype=torch.float32, device=w.device)
+    s_t = torch.empty((padded(k) // TILE, padded(n) // TILE), dtype=torch.float32, device=w.device)
+    _expert_blocks_kernel[(padded(n) // TILE, padded(k) // TILE, 1)](w.contiguous(), q, q_t, s, s_t, n, k, padded(n),
+                                                                     padded(k), 0, POW2=power_of_two, BLOCK=TILE)
+    return q, s, q_t, s_t
 
 
 def quantize_tiles(x: torch.Tensor, power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     shape, k = x.shape, x.shape[-1]
-    x = x.reshape(-1, k).contiguous()
-    rows, k_pad = x.shape[0], padded(k)
+    flat = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()  # no operator call for a 2-d x
+    rows, k_pad = flat.shape[0], padded(k)
     q = torch.empty((rows, k_pad), dtype=E4M3, device=x.device)
     s = torch.empty((rows, k_pad // TILE), dtype=torch.float32, device=x.device)
     if rows:
-        _tiles_kernel[(triton.cdiv(rows, ELEMENTWISE_ROWS), k_pad // TILE)](x, q, s, rows, k, k_pad, POW2=power_of_two,
-                                                                           ROWS=ELEMENTWISE_ROWS, TILE_K=TILE)
+        _tiles_kernel[(triton.cdiv(rows, ELEMENTWISE_ROWS), k_pad // TILE)](flat, q, s, rows, k, k_pad,
+                                                                           POW2=power_of_two, ROWS=ELEMENTWISE_ROWS,
+                                                                           TILE_K=TILE)
+    if x.dim() == 2:
+        return q, s
     return q.view(*shape[:-1], k_pad), s.view(*shape[:-1], k_pad // TILE)
 
 
@@ -147,29 +161,16 @@ def quantize_tiles_transposed(x: torch.Tensor, power_of_two: bool = False, group
     128 rows x `cols` columns."""
     x = x.contiguous()
     rows, k = x.shape
-    if groups is None:
-        start = torch.arange(0, rows, TILE, dtype=torch.int32, device=x.device)
-        end = torch.full_like(start, rows)
-    else:
-        start, end = groups.start, groups.end
-    rows_pad = TILE * start.numel()
+    n_tiles = -(-rows // TILE) if groups is None else groups.n_tiles
+    rows_pad = TILE * n_tiles
     q = torch.empty((k, rows_pad), dtype=E4M3, device=x.device)
     s = torch.empty((rows_pad // TILE, k), dtype=torch.float32, device=x.device)
     if rows_pad:
-        _tiles_transposed_kernel[(start.numel(), triton.cdiv(k, cols))](
-            x, x if x_scale is None else x_scale, q, s, start, end, k, k, rows_pad,
+        start, end = (x, x) if groups is None else (groups.start, groups.end)  # read only when grouped
+        _tiles_transposed_kernel[(n_tiles, triton.cdiv(k, cols))](
+            x, x if x_scale is None else x_scale, q, s, start, end, rows, k, k, rows_pad, GROUPED=groups is not None,
             DEQUANTIZE=x_scale is not None, POW2=power_of_two, TILE_R=TILE, COLS=cols)
     return q, s.t()  # (k, tiles) with the tiles outermost: the layout cuBLASLt and the Wgrad kernel read
-
-
-def quantize_blocks(w: torch.Tensor, power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    w = w.contiguous()
-    n, k = w.shape
-    q = torch.empty((padded(n), padded(k)), dtype=E4M3, device=w.device)
-    s = torch.empty((padded(n) // TILE, padded(k) // TILE), dtype=torch.float32, device=w.device)
-    _blocks_kernel[(padded(n) // TILE, padded(k) // TILE)](w, q, s, n, k, padded(k), POW2=power_of_two, BLOCK=TILE)
-    return q, s
-
 
 
 @triton.jit

@@ -50,29 +50,39 @@ def _fp8(like: Tensor, rows: int, cols: int) -> tuple[Tensor, Tensor]:
     return like.new_empty((rows, cols), dtype=E4M3), like.new_empty((rows, cols // TILE), dtype=torch.float32)
 
 
+def _rows(t: Tensor) -> Tensor:
+    """t as a 2-d (rows, last dim) tensor; no operator call when it already is one."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _first_cols(t: Tensor, n: int) -> Tensor:
+    """t's first n columns (the GEMM's output is as wide as its padded operand)."""
+    return t if t.shape[1] == n else t[:, :n]
+
+
 class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, out_dtype: torch.dtype, power_of_two: bool):
         ops = _ops(x.device)
-        shape, k = x.shape, x.shape[-1]
-        x_q, x_s = ops.quantize_tiles(x.reshape(-1, k), power_of_two)
-        w_q, w_s = ops.quantize_blocks(weight, power_of_two)
-        y = gemm(x_q, x_s, w_q, w_s, b_blocks=True, out_dtype=out_dtype)[:, :weight.shape[0]]
-        ctx.save_for_backward(x_q, x_s, w_q, w_s)
-        ctx.meta = (shape, weight.shape, x.dtype, power_of_two)
-        return y.view(*shape[:-1], weight.shape[0])
+        x_q, x_s = ops.quantize_tiles(_rows(x), power_of_two)
+        w_q, w_s, wt_q, wt_s = ops.quantize_weight(weight, power_of_two)
+        y = _first_cols(gemm(x_q, x_s, w_q, w_s, b_blocks=True, out_dtype=out_dtype), weight.shape[0])
+        ctx.save_for_backward(x_q, x_s, wt_q, wt_s)
+        ctx.meta = (x.shape, weight.shape, x.dtype, power_of_two)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x_q, x_s, w_q, w_s = ctx.saved_tensors
+        x_q, x_s, wt_q, wt_s = ctx.saved_tensors
         shape, (n, k), x_dtype, power_of_two = ctx.meta
         ops = _ops(grad.device)
-        grad = grad.reshape(-1, n)
+        grad = _rows(grad)
         g_q, g_s = ops.quantize_tiles(grad, power_of_two)
-        # dx = dy @ W: W's blocks transposed are the 128x128 blocks of W^T
-        dx = gemm(g_q, g_s, w_q.t().contiguous(), w_s.t().contiguous(), b_blocks=True, out_dtype=torch.float32)
-        dw = linear_wgrad(grad, x_q, x_s, power_of_two)[:n, :k]
-        return dx[:, :k].to(x_dtype).view(shape), dw, None, None
+        dx = _first_cols(gemm(g_q, g_s, wt_q, wt_s, b_blocks=True, out_dtype=x_dtype), k)  # dy @ W, from W^T's blocks
+        dw = linear_wgrad(grad, x_q, x_s, power_of_two)
+        if dw.shape != (n, k):
+            dw = dw[:n, :k]
+        return dx if len(shape) == 2 else dx.view(shape), dw, None, None
 
 
 @custom_op("dsv3::fp8_linear_wgrad", mutates_args=())
@@ -80,11 +90,11 @@ def linear_wgrad(grad: Tensor, x_q: Tensor, x_s: Tensor, power_of_two: bool) -> 
     """dW = dy^T @ x over tokens, in FP32, (N, K padded): 128x1 tiles of dy and of x (x from its
     cached FP8 copy). An operator so that compiled graphs, too, run the transposing quantisation on
     our Triton kernel (one pass, tiles staged through shared memory) rather than as a reduction
-    across rows."""
+    across rows; it calls cuBLASLt itself, not through a nested operator."""
     ops = _ops(grad.device)
     gt_q, gt_s = ops.quantize_tiles_transposed(grad, power_of_two)
     xt_q, xt_s = ops.quantize_tiles_transposed(x_q, power_of_two, x_scale=x_s)
-    return gemm(gt_q, gt_s, xt_q, xt_s, b_blocks=False, out_dtype=torch.float32)
+    return gemm(gt_q, gt_s, xt_q, xt_s, b_blocks=False, out_dtype=torch.float32, operator=False)
 
 
 @linear_wgrad.register_fake

@@ -57,6 +57,13 @@ def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, shape: tuple[int, in
     return blocks.flatten(2).flatten(0, 1)[:shape[0], :shape[1]]
 
 
+def quantize_weight(w: torch.Tensor, power_of_two: bool = False):
+    """A Linear's W (N, K) -> its 128x128 blocks and scales (quantize_blocks), and their transposes:
+    the blocks of W^T, which the gradient of the input reads."""
+    q, s = quantize_blocks(w, power_of_two)
+    return q, s, q.t().contiguous(), s.t().contiguous()
+
+
 def quantize_expert_blocks(weights: list[torch.Tensor], power_of_two: bool = False):
     """Expert weights (E, R, C_i) side by side along C -> E4M3 [w_1 | w_2 | ...] (E, R, sum C_i), each
     padded to whole blocks, with its 128x128 block scales (E, R/128, C/128), and the transposes of

@@ -62,6 +62,38 @@ def test_emulated_gemm_is_the_scaled_sum_of_exact_partial_products():
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+def test_cublas_operands_pad_and_lay_out_what_cublaslt_takes_and_nothing_else():
+    """The operands cuBLASLt's blockwise modes get (gemm.py's docstring): rows to a multiple of 4,
+    K to a multiple of 512, zeros in the new rows and columns, scales 1 in the new K tiles, 1x128
+    scales outer-dim-major, 128x128 scales K-major; what they compute is unchanged. Operands that
+    already are so come back as they are (the same tensors, no operator called)."""
+    from dsv3.fp8.gemm import cublas_operands
+
+    a_q, a_s = quantize_tiles(data(50, 384, seed=2))
+    for b_q, b_s, blocks in [(*quantize_blocks(data(70, 384, seed=3)), True), (*quantize_tiles(data(70, 384, seed=3)), False)]:
+        a, a_scale, b, b_scale = cublas_operands(a_q, a_s, b_q, b_s, blocks)
+        assert a.shape == (52, 512) and a.is_contiguous() and a_scale.shape == (52, 4) and a_scale.stride(0) == 1
+        assert (a[:50, :384] == a_q).all() and a[50:].float().abs().max() == 0 and a[:, 384:].float().abs().max() == 0
+        assert (a_scale[:50, :3] == a_s).all() and (a_scale[50:, :3] == 0).all() and (a_scale[:, 3] == 1).all()
+        if blocks:  # (N, K) E4M3 and (K/128, N/128) scales stored K-major
+            assert b.shape == (128, 512) and b_scale.shape == (4, 1) and b_scale.t().is_contiguous()
+            assert (b_scale.t()[:, :3] == b_s).all() and (b_scale[3] == 1).all()
+        else:  # (N, K) E4M3 with rows to 4 and (K/128, N) scales, row-major
+            assert b.shape == (72, 512) and b_scale.shape == (4, 72) and b_scale.is_contiguous()
+            assert (b_scale.t()[:70, :3] == b_s).all() and (b_scale[3] == 1).all()
+        assert (b[:70, :384] == b_q[:70]).all() and b[:, 384:].float().abs().max() == 0
+        want = emulate(a_q, a_s, b_q, b_s, blocks)[:, :70]
+        got = emulate(a, a_scale, b, b_scale.t(), blocks)[:50, :70]  # the scales back in the emulation's form
+        # the same FP32 partial sums plus exact zeros, perhaps summed in another order
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    # already padded and laid out: nothing to do
+    a_q, a_s = quantize_tiles(data(64, 512, seed=4))
+    a_s = a_s.t().contiguous().t()
+    b_q, b_s = quantize_blocks(data(128, 512, seed=5))
+    a, a_scale, b, _ = cublas_operands(a_q, a_s, b_q, b_s, True)
+    assert a is a_q and a_scale is a_s and b is b_q
+
+
 def _relative(a, b):
     return ((a - b).norm() / b.norm()).item()
 
@@ -315,13 +347,19 @@ TRITON_CHECK = textwrap.dedent("""
     x = torch.randn(70, 300, generator=g) * torch.exp(torch.randn(70, 1, generator=g) * 2)
     w = torch.randn(200, 260, generator=g)
     for p2 in (False, True):
+        x_q, x_s = quant.quantize_tiles(x)  # an FP8 activation cache, dequantised on the way in
         pairs = [(kernels.quantize_tiles(x, p2), quant.quantize_tiles(x, p2)),
+                 (kernels.quantize_tiles(x.view(7, 10, 300), p2), quant.quantize_tiles(x.view(7, 10, 300), p2)),
+                 (kernels.quantize_tiles(x[:, :200], p2), quant.quantize_tiles(x[:, :200], p2)),  # strided
                  (kernels.quantize_tiles_transposed(x, p2), quant.quantize_tiles(x.t(), p2)),
-                 (kernels.quantize_blocks(w, p2), quant.quantize_blocks(w, p2))]
-        for (q, s), (q_ref, s_ref) in pairs:
-            assert q.shape == q_ref.shape and s.shape == s_ref.shape, (q.shape, q_ref.shape)
-            torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
-            assert_e4m3_close(q, q_ref)
+                 (kernels.quantize_tiles_transposed(x_q, p2, x_scale=x_s),
+                  quant.quantize_tiles_transposed(x_q, p2, x_scale=x_s)),
+                 (kernels.quantize_weight(w, p2), quant.quantize_weight(w, p2))]
+        for got, want in pairs:  # (q, s) pairs; the weight's: W's and W^T's
+            for q, s, q_ref, s_ref in zip(got[::2], got[1::2], want[::2], want[1::2]):
+                assert q.shape == q_ref.shape and s.shape == s_ref.shape, (q.shape, q_ref.shape)
+                torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+                assert_e4m3_close(q, q_ref)
     # grouped: transposed tiles per expert, the SwiGLU kernels, the grouped GEMMs (on the same
     # operands as the emulation, so only the kernels' indexing and scaling are compared)
     from dsv3.fp8 import grouped

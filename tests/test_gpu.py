@@ -76,10 +76,11 @@ def test_fp8_triton_kernels_equal_the_reference_on_gpu():
     for power_of_two in (False, True):
         pairs = [(kernels.quantize_tiles(x, power_of_two), quant.quantize_tiles(x, power_of_two)),
                  (kernels.quantize_tiles_transposed(x, power_of_two), quant.quantize_tiles(x.t(), power_of_two)),
-                 (kernels.quantize_blocks(w, power_of_two), quant.quantize_blocks(w, power_of_two))]
-        for (q, s), (q_ref, s_ref) in pairs:
-            torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
-            assert torch.equal(q.float(), q_ref.float())
+                 (kernels.quantize_weight(w, power_of_two), quant.quantize_weight(w, power_of_two))]
+        for got, want in pairs:  # (q, s) pairs; the weight's: W's and W^T's
+            for q, s, q_ref, s_ref in zip(got[::2], got[1::2], want[::2], want[1::2]):
+                torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+                assert torch.equal(q.float(), q_ref.float())
         experts = [_fp8_data(3, 200, 384, seed=2).cuda(), _fp8_data(3, 200, 260, seed=3).cuda()]
         for got, want in zip(kernels.quantize_expert_blocks(experts, power_of_two),
                              quant.quantize_expert_blocks(experts, power_of_two)):
