@@ -193,6 +193,16 @@ def test_fp8_host_smoke():
         assert 0 < line["host_us"] <= line["drained_us"], line
 
 
+def test_fp8_ops_smoke():
+    lines = {line["mode"]: line for line in json_lines(run("fp8_ops.py", "--smoke"))}
+    assert set(lines) == {"bf16", "fp8"}
+    for line in lines.values():
+        assert line["gemms"] == 3, line  # y, dx and dW, however deep each is called
+    assert lines["bf16"]["triton_launches"] == lines["bf16"]["dsv3_ops"] == 0
+    fp8 = lines["fp8"]
+    assert fp8["triton_launches"] > 0 and fp8["dsv3_ops"] > 0 and fp8["aten_ops"] > lines["bf16"]["aten_ops"], fp8
+
+
 def test_plot_overlap_draws_both_traces(tmp_path):
     pytest.importorskip("matplotlib")
     kernels = [{"cat": "kernel", "name": "gemm", "ts": 1000.0 * i, "dur": 600.0, "args": {"stream": 7}}
