@@ -3,7 +3,8 @@
 - `quantize_tiles`: 1x128 tiles along the last dim (activations, and gradients of outputs).
 - `quantize_tiles_transposed`: 1x128 tiles of x^T, i.e. 128x1 tiles of x, written transposed, in
   one pass, per expert when given `Groups`, optionally dequantising an FP8 input on the way in:
-  what the weight gradient needs of the saved input and of the output gradient.
+  what the weight gradient needs of the saved input and of the output gradient;
+  `quantize_wgrad_operands`: both of them in one launch.
 - `quantize_weight`, `quantize_expert_blocks`: 128x128 blocks of W and of W^T (weights), in one pass.
 - `swiglu_quantize`, `swiglu_backward`: the experts' SwiGLU fused with its quantisation, and its
   backward from the FP8 cache of its input.
@@ -50,13 +51,33 @@ def _tiles_kernel(x_ptr, q_ptr, s_ptr, rows, k, k_pad, POW2: tl.constexpr, ROWS:
 
 
 @triton.jit
-def _tiles_transposed_kernel(x_ptr, x_scale_ptr, q_ptr, s_ptr, start_ptr, end_ptr, rows, k, x_stride, rows_pad,
-                             GROUPED: tl.constexpr, DEQUANTIZE: tl.constexpr, POW2: tl.constexpr, TILE_R: tl.constexpr,
-                             COLS: tl.constexpr):
-    """Tile `tile` of rows [start, end) of x (at most 128) -> column block `tile` of q = x^T tiles.
+def _transpose_tile(x_ptr, x_scale_ptr, q_ptr, s_ptr, start, end, tile, col_block, k, rows_pad,
+                    DEQUANTIZE: tl.constexpr, POW2: tl.constexpr, TILE_R: tl.constexpr, COLS: tl.constexpr):
+    """Rows [start, end) of x (rows, k), at most 128, and COLS of its columns -> column block `tile`
+    of q = x^T tiles (k, rows_pad) and their scales. With DEQUANTIZE, x is E4M3 with 1x128 scales
+    and is dequantised on the way in."""
+    r = start + tl.arange(0, TILE_R)
+    c = col_block * COLS + tl.arange(0, COLS)
+    mask = (r[:, None] < end) & (c[None, :] < k)
+    x = tl.load(x_ptr + r[:, None] * k + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    if DEQUANTIZE:
+        x *= tl.load(x_scale_ptr + r[:, None] * (k // TILE_R) + c[None, :] // TILE_R, mask=mask, other=0.0)
+    scale = _scale(tl.max(tl.abs(x), axis=0), POW2)  # (COLS,)
+    q = tl.math.div_rn(x, scale[None, :]).to(q_ptr.dtype.element_ty)
+    out = tile * TILE_R + tl.arange(0, TILE_R)
+    tl.store(q_ptr + c[None, :].to(tl.int64) * rows_pad + out[:, None], q, mask=c[None, :] < k)
+    tl.store(s_ptr + tile * k + c, scale, mask=c < k)
+
+
+@triton.jit
+def _tiles_transposed_kernel(a_ptr, a_scale_ptr, qa_ptr, sa_ptr, b_ptr, b_scale_ptr, qb_ptr, sb_ptr, start_ptr,
+                             end_ptr, rows, k_a, k_b, a_blocks, rows_pad, GROUPED: tl.constexpr,
+                             DEQUANTIZE_A: tl.constexpr, DEQUANTIZE_B: tl.constexpr, POW2: tl.constexpr,
+                             TILE_R: tl.constexpr, COLS: tl.constexpr):
+    """Row tile `tile` of a (and of b, which has the same rows): the grid's column blocks below
+    a_blocks are a's, the rest b's, so a weight gradient's two operands take one launch.
     GROUPED: the tiles' rows come from start_ptr, end_ptr (per expert); otherwise tile i is rows
-    [128 i, min(128 (i + 1), rows)). With DEQUANTIZE, x is E4M3 with 1x128 scales and is
-    dequantised on the way in."""
+    [128 i, min(128 (i + 1), rows))."""
     tile = tl.program_id(0)
     col_block = tl.program_id(1)
     if GROUPED:
@@ -65,17 +86,12 @@ def _tiles_transposed_kernel(x_ptr, x_scale_ptr, q_ptr, s_ptr, start_ptr, end_pt
     else:
         start = tile.to(tl.int64) * TILE_R
         end = rows
-    r = start + tl.arange(0, TILE_R)
-    c = col_block * COLS + tl.arange(0, COLS)
-    mask = (r[:, None] < end) & (c[None, :] < k)
-    x = tl.load(x_ptr + r[:, None] * x_stride + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    if DEQUANTIZE:
-        x *= tl.load(x_scale_ptr + r[:, None] * (x_stride // TILE_R) + c[None, :] // TILE_R, mask=mask, other=0.0)
-    scale = _scale(tl.max(tl.abs(x), axis=0), POW2)  # (COLS,)
-    q = tl.math.div_rn(x, scale[None, :]).to(q_ptr.dtype.element_ty)
-    out = tile * TILE_R + tl.arange(0, TILE_R)
-    tl.store(q_ptr + c[None, :].to(tl.int64) * rows_pad + out[:, None], q, mask=c[None, :] < k)
-    tl.store(s_ptr + tile * k + c, scale, mask=c < k)
+    if col_block < a_blocks:
+        _transpose_tile(a_ptr, a_scale_ptr, qa_ptr, sa_ptr, start, end, tile, col_block, k_a, rows_pad,
+                        DEQUANTIZE_A, POW2, TILE_R, COLS)
+    else:
+        _transpose_tile(b_ptr, b_scale_ptr, qb_ptr, sb_ptr, start, end, tile, col_block - a_blocks, k_b, rows_pad,
+                        DEQUANTIZE_B, POW2, TILE_R, COLS)
 
 
 @triton.jit
@@ -159,18 +175,40 @@ def quantize_tiles_transposed(x: torch.Tensor, power_of_two: bool = False, group
     run otherwise (P = rows padded). With `x_scale`, x is E4M3 with those 1x128 scales (k is then
     its padded width; the FP8 activation cache) and is dequantised first. Each program reads
     128 rows x `cols` columns."""
-    x = x.contiguous()
-    rows, k = x.shape
+    return _transposed([(x, x_scale)], power_of_two, groups, cols)
+
+
+def quantize_wgrad_operands(a: torch.Tensor, b: torch.Tensor, power_of_two: bool = False,
+                            groups: Groups | None = None, a_scale: torch.Tensor | None = None,
+                            b_scale: torch.Tensor | None = None, cols: int = TRANSPOSED_COLS):
+    """quantize_tiles_transposed of a and of b (same rows), the two operands of a weight gradient,
+    in one launch: (a^T q, a^T scales, b^T q, b^T scales)."""
+    return _transposed([(a, a_scale), (b, b_scale)], power_of_two, groups, cols)
+
+
+def _transposed(operands: list[tuple[torch.Tensor, torch.Tensor | None]], power_of_two: bool, groups: Groups | None,
+                cols: int) -> tuple[torch.Tensor, ...]:
+    """One launch for one or two (x, x_scale) operands of the same rows."""
+    operands = [(x.contiguous(), x_scale) for x, x_scale in operands]
+    rows = operands[0][0].shape[0]
+    assert all(x.shape[0] == rows for x, _ in operands), "the operands of one launch share their rows"
     n_tiles = -(-rows // TILE) if groups is None else groups.n_tiles
     rows_pad = TILE * n_tiles
-    q = torch.empty((k, rows_pad), dtype=E4M3, device=x.device)
-    s = torch.empty((rows_pad // TILE, k), dtype=torch.float32, device=x.device)
+    outputs = [(torch.empty((x.shape[1], rows_pad), dtype=E4M3, device=x.device),
+                torch.empty((n_tiles, x.shape[1]), dtype=torch.float32, device=x.device)) for x, _ in operands]
     if rows_pad:
-        start, end = (x, x) if groups is None else (groups.start, groups.end)  # read only when grouped
-        _tiles_transposed_kernel[(n_tiles, triton.cdiv(k, cols))](
-            x, x if x_scale is None else x_scale, q, s, start, end, rows, k, k, rows_pad, GROUPED=groups is not None,
-            DEQUANTIZE=x_scale is not None, POW2=power_of_two, TILE_R=TILE, COLS=cols)
-    return q, s.t()  # (k, tiles) with the tiles outermost: the layout cuBLASLt and the Wgrad kernel read
+        (a, a_scale), (b, b_scale) = operands[0], operands[-1]
+        (qa, sa), (qb, sb) = outputs[0], outputs[-1]
+        a_blocks = triton.cdiv(a.shape[1], cols)
+        col_blocks = a_blocks + (triton.cdiv(b.shape[1], cols) if len(operands) == 2 else 0)
+        start, end = (a, a) if groups is None else (groups.start, groups.end)  # read only when grouped
+        _tiles_transposed_kernel[(n_tiles, col_blocks)](
+            a, a if a_scale is None else a_scale, qa, sa, b, b if b_scale is None else b_scale, qb, sb, start, end,
+            rows, a.shape[1], b.shape[1], a_blocks, rows_pad, GROUPED=groups is not None,
+            DEQUANTIZE_A=a_scale is not None, DEQUANTIZE_B=b_scale is not None, POW2=power_of_two, TILE_R=TILE,
+            COLS=cols)
+    # scales (k, tiles) with the tiles outermost: the layout cuBLASLt and the Wgrad kernel read
+    return tuple(t for q, s in outputs for t in (q, s.t()))
 
 
 @triton.jit

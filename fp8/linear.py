@@ -92,8 +92,7 @@ def linear_wgrad(grad: Tensor, x_q: Tensor, x_s: Tensor, power_of_two: bool) -> 
     our Triton kernel (one pass, tiles staged through shared memory) rather than as a reduction
     across rows; it calls cuBLASLt itself, not through a nested operator."""
     ops = _ops(grad.device)
-    gt_q, gt_s = ops.quantize_tiles_transposed(grad, power_of_two)
-    xt_q, xt_s = ops.quantize_tiles_transposed(x_q, power_of_two, x_scale=x_s)
+    gt_q, gt_s, xt_q, xt_s = ops.quantize_wgrad_operands(grad, x_q, power_of_two, b_scale=x_s)
     return gemm(gt_q, gt_s, xt_q, xt_s, b_blocks=False, out_dtype=torch.float32, operator=False)
 
 
@@ -155,10 +154,9 @@ def experts_backward(dy: Tensor, x_q: Tensor, x_s: Tensor, gu_q: Tensor, gu_s: T
     h, dgu = ops.swiglu_backward(gu_q, gu_s, dh, dy.dtype)
     dgu_q, dgu_s = ops.quantize_tiles(dgu, power_of_two)
     dx = grouped_gemm(dgu_q, dgu_s, w13_q, w13_s, groups, x_dtype, n_out=dim)
-    dw2, = grouped_wgrad(*ops.quantize_tiles_transposed(h, power_of_two, groups),
-                         *ops.quantize_tiles_transposed(dy, power_of_two, groups), groups, inter, (dim,))
-    dw1, dw3 = grouped_wgrad(*ops.quantize_tiles_transposed(x_q, power_of_two, groups, x_scale=x_s),
-                             *ops.quantize_tiles_transposed(dgu, power_of_two, groups), groups, dim, (inter, inter))
+    dw2, = grouped_wgrad(*ops.quantize_wgrad_operands(h, dy, power_of_two, groups), groups, inter, (dim,))
+    dw1, dw3 = grouped_wgrad(*ops.quantize_wgrad_operands(x_q, dgu, power_of_two, groups, a_scale=x_s), groups, dim,
+                             (inter, inter))
     return dx.contiguous(), dw1.contiguous(), dw3.contiguous(), dw2.contiguous()
 
 

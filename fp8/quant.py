@@ -90,6 +90,14 @@ def quantize_tiles_transposed(x: torch.Tensor, power_of_two: bool = False, group
     return torch.cat(q, 1), torch.cat(s, 1)
 
 
+def quantize_wgrad_operands(a: torch.Tensor, b: torch.Tensor, power_of_two: bool = False, groups=None,
+                            a_scale: torch.Tensor | None = None, b_scale: torch.Tensor | None = None):
+    """quantize_tiles_transposed of a and of b: the two operands of a weight gradient, (a^T q, a^T
+    scales, b^T q, b^T scales)."""
+    return (*quantize_tiles_transposed(a, power_of_two, groups, a_scale),
+            *quantize_tiles_transposed(b, power_of_two, groups, b_scale))
+
+
 def swiglu_quantize(gu: torch.Tensor, power_of_two: bool = False):
     """gu = [gate | up] (rows, 2 * inter), inter a multiple of 128 -> h = silu(gate) * up in 1x128
     tiles (the down projection's input), and gate and up in 1x128 tiles (the FP8 cache that

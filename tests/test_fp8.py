@@ -354,6 +354,8 @@ TRITON_CHECK = textwrap.dedent("""
                  (kernels.quantize_tiles_transposed(x, p2), quant.quantize_tiles(x.t(), p2)),
                  (kernels.quantize_tiles_transposed(x_q, p2, x_scale=x_s),
                   quant.quantize_tiles_transposed(x_q, p2, x_scale=x_s)),
+                 (kernels.quantize_wgrad_operands(x, x_q, p2, b_scale=x_s),  # two widths, one launch
+                  quant.quantize_wgrad_operands(x, x_q, p2, b_scale=x_s)),
                  (kernels.quantize_weight(w, p2), quant.quantize_weight(w, p2))]
         for got, want in pairs:  # (q, s) pairs; the weight's: W's and W^T's
             for q, s, q_ref, s_ref in zip(got[::2], got[1::2], want[::2], want[1::2]):
@@ -367,14 +369,17 @@ TRITON_CHECK = textwrap.dedent("""
     groups = grouped.Groups.of(counts, 335)
     x = torch.randn(335, 256, generator=g) * torch.exp(torch.randn(335, 1, generator=g))
     x_q, x_s = quant.quantize_tiles(x)
-    for kwargs in ({}, {"x_scale": x_s}):
-        source = x_q if kwargs else x
-        (q, s), (q_ref, s_ref) = (kernels.quantize_tiles_transposed(source, False, groups, **kwargs),
-                                  quant.quantize_tiles_transposed(source, False, groups, **kwargs))
-        width = q_ref.shape[1]  # the kernel's buffer has room for every layout; the rest is empty
-        assert q.shape == (256, 128 * groups.n_tiles) and q[:, width:].float().abs().max() == 0
-        torch.testing.assert_close(s[:, :width // 128], s_ref, rtol=1e-6, atol=0)
-        assert_e4m3_close(q[:, :width], q_ref)
+    dgu = torch.randn(335, 384, generator=g)
+    got = [kernels.quantize_tiles_transposed(x, False, groups), kernels.quantize_tiles_transposed(x_q, False, groups, x_scale=x_s),
+           kernels.quantize_wgrad_operands(x_q, dgu, False, groups, a_scale=x_s)]
+    want = [quant.quantize_tiles_transposed(x, False, groups), quant.quantize_tiles_transposed(x_q, False, groups, x_scale=x_s),
+            quant.quantize_wgrad_operands(x_q, dgu, False, groups, a_scale=x_s)]
+    for outputs, references in zip(got, want):
+        for q, s, q_ref, s_ref in zip(outputs[::2], outputs[1::2], references[::2], references[1::2]):
+            width = q_ref.shape[1]  # the kernel's buffer has room for every layout; the rest is empty
+            assert q.shape == (q_ref.shape[0], 128 * groups.n_tiles) and q[:, width:].float().abs().max() == 0
+            torch.testing.assert_close(s[:, :width // 128], s_ref, rtol=1e-6, atol=0)
+            assert_e4m3_close(q[:, :width], q_ref)
     # expert weights in both orientations, two weights side by side (one not a multiple of 128 wide)
     w1, w3 = torch.randn(5, 256, 384, generator=g) * 0.05, torch.randn(5, 256, 200, generator=g)
     for got, want in zip(kernels.quantize_expert_blocks([w1, w3]), quant.quantize_expert_blocks([w1, w3])):

@@ -101,6 +101,8 @@ def test_fp8_triton_kernels_equal_the_reference_on_gpu():
     for power_of_two in (False, True):
         pairs = [(kernels.quantize_tiles(x, power_of_two), quant.quantize_tiles(x, power_of_two)),
                  (kernels.quantize_tiles_transposed(x, power_of_two), quant.quantize_tiles(x.t(), power_of_two)),
+                 (kernels.quantize_wgrad_operands(x, x[:, :200], power_of_two),
+                  quant.quantize_wgrad_operands(x, x[:, :200], power_of_two)),
                  (kernels.quantize_weight(w, power_of_two), quant.quantize_weight(w, power_of_two))]
         for got, want in pairs:  # (q, s) pairs; the weight's: W's and W^T's
             for q, s, q_ref, s_ref in zip(got[::2], got[1::2], want[::2], want[1::2]):
