@@ -6,7 +6,8 @@ with carry [".whl"]; device_env.sh installs the wheels, torchtitan's included, a
     source benchmarks/device_env.sh && python3 benchmarks/titan_step.py
 
     python benchmarks/titan_step.py [--configs small,v2_lite_4l] [--systems ...] [--batch 4] [--seq-len 4096]
-        [--steps 10] [--warmup 3] [--compile-backend inductor] [--dsv3-compile harness] [--kernels N] [--ops N]
+        [--steps 10] [--warmup 3] [--compile-backend inductor] [--dsv3-compile harness] [--compile-mode default]
+        [--kernels N] [--ops N]
     python benchmarks/titan_step.py --smoke   (dsv3 only, the tiny recipe on the CPU, seconds)
 
 Both systems train the same model (same arguments, mapped by `titan_model_args`; parameter counts
@@ -19,6 +20,8 @@ set to our shape and a synthetic dataloader, configured through its ConfigManage
 dsv3 with `block.compile()` on every layer applied here (`--dsv3-compile harness`; `trainer`
 instead passes `train.compile=on`, the trainer's setting; eager runs pass `train.compile=off`), torchtitan with
 `--compile.enable` (per-block torch.compile, routed experts left eager, loss compiled).
+`--compile-mode reduce-overhead` compiles dsv3's blocks with CUDA graphs (cudagraph trees), which
+replay a block's kernels without the host launching each one.
 
 Each (config, system) runs in its own subprocess, so memory peaks and compile caches stay apart.
 Step time is the median over --steps steps (CUDA events) after --warmup steps; peak memory is
@@ -273,7 +276,7 @@ def run_dsv3(cfg: Config, compiled: bool, args) -> dict:
     trainer = Trainer(cfg)
     if compiled and args.dsv3_compile == "harness":
         for block in trainer.model.layers.values():
-            block.compile(backend=args.compile_backend)
+            block.compile(backend=args.compile_backend, mode=None if args.compile_mode == "default" else args.compile_mode)
     params = sum(p.numel() for p in trainer.model.parameters())
     return {"params": params, **measure(trainer.train_step, trainer.device, args.steps, args.warmup)}
 
@@ -323,6 +326,7 @@ def launch(args, config: str, system: str) -> dict:
     command = [sys.executable, __file__, "--worker", system, "--config", config, "--batch", str(args.batch),
                "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--compile-backend", args.compile_backend, "--dsv3-compile", args.dsv3_compile,
+               "--compile-mode", args.compile_mode,
                *(["--smoke"] if args.smoke else [])]
     env = {**os.environ, "TITAN_STEP_KERNELS": str(args.kernels), "TITAN_STEP_OPS": str(args.ops)}
     if args.trace and os.environ.get("OUT"):
@@ -347,6 +351,8 @@ def main() -> None:
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--dsv3-compile", choices=["harness", "trainer"], default="harness",
                         help="harness: block.compile() on each layer here; trainer: train.compile=on")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode of dsv3's blocks under --dsv3-compile harness (reduce-overhead: CUDA graphs)")
     parser.add_argument("--smoke", action="store_true", help="dsv3 only, the tiny recipe on the CPU, seconds")
     parser.add_argument("--trace", action="store_true", help="write each profiled step's timeline under $OUT")
     parser.add_argument("--kernels", type=int, default=0,
@@ -366,7 +372,8 @@ def main() -> None:
     installed = titan_installed()
     device = "CPU (smoke)" if args.smoke else torch.cuda.get_device_name()
     print(f"# {device}, torch {torch.__version__}, {args.batch} x {args.seq_len} tokens, "
-          f"median of {args.steps} steps after {args.warmup}, compile backend {args.compile_backend}")
+          f"median of {args.steps} steps after {args.warmup}, compile backend {args.compile_backend}, "
+          f"dsv3 compile mode {args.compile_mode}")
     peak = None if args.smoke else peak_flops(torch.device("cuda"), 0.0)  # the trainer's dense BF16 peaks
     rows = []
     for name in args.configs.split(","):
