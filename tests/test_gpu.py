@@ -1,4 +1,6 @@
 """GPU fast paths against the CPU reference paths. Run on a CUDA machine; skipped elsewhere."""
+import copy
+
 import pytest
 import torch
 
@@ -54,10 +56,11 @@ def test_grouped_experts_gradients_equal_the_fp32_loop_on_gpu():
     counts = torch.tensor([0, 40, 3, 100, 0, 7, 64, 1, 9, 0, 33, 2, 5, 70, 11, 0])
     x = torch.randn(int(counts.sum()), 256)
     dy = torch.randn(int(counts.sum()), 256)
+    initial = RoutedExperts(n_experts=16, dim=256, inter_dim=128, init_std=0.05)
+    initial.reset_parameters(seed=0)  # on the CPU: a CUDA generator would draw other weights
     grads = {}
     for device in ("cuda", "cpu"):
-        experts = RoutedExperts(n_experts=16, dim=256, inter_dim=128, init_std=0.05).to(device)
-        experts.reset_parameters(seed=0)
+        experts = copy.deepcopy(initial).to(device)
         x_in = x.to(device).requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             y = experts._grouped(x_in, counts.to(device)) if device == "cuda" else experts._looped(x_in, counts)
