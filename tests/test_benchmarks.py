@@ -76,6 +76,20 @@ def test_grouped_fp8_smoke(tmp_path):
     assert [s["transposed_cols"] for s in sweep if s["gemm"] == "wgrad quantisation"] == [32], sweep
 
 
+def test_grad_fidelity_smoke(tmp_path):
+    """Every parameter kind has both precisions' figures, finite and positive. A single kind's error
+    has no bound (a norm's gradient is a sum that can cancel), but across kinds FP8's typical error
+    is well above BF16's: E4M3 keeps 4 significant bits to BF16's 8, so each rounding is 16x larger;
+    a median within 2x of BF16's would mean the FP8 layers were not on."""
+    (line,) = json_lines(run("grad_fidelity.py", "--smoke", cwd=tmp_path))
+    bf16, fp8 = line["kinds"]["bf16"], line["kinds"]["fp8"]
+    assert bf16.keys() == fp8.keys() and {"head.weight", "ffn.experts.w1", "attn.w_o.weight"} <= fp8.keys()
+    for figures in (*bf16.values(), *fp8.values()):
+        assert 0 < figures["rel_err"] < math.inf and 0 < figures["norm_ratio"] < math.inf, figures
+    median = lambda kinds: sorted(k["rel_err"] for k in kinds.values())[len(kinds) // 2]  # noqa: E731
+    assert median(fp8) > 2 * median(bf16), (median(fp8), median(bf16))
+
+
 def test_expert_gemm_smoke(tmp_path):
     """Both weight layouts give the same experts' output (the script asserts it) and a time each."""
     rows = table(run("expert_gemm.py", "--smoke", cwd=tmp_path))[2:]  # under the header and its rule
