@@ -1,12 +1,13 @@
 """How far one step's gradients in BF16 and in FP8 are from FP32's, parameter kind by kind.
 
-One model, one batch of the synthetic chain (data=synthetic): the loss and every parameter's gradient in FP32 (TF32 off: the reference),
-under BF16 autocast (the `bf16` recipe), and with the FP8 layers on under BF16 autocast (the `fp8`
-recipe; on the CPU, without autocast). For each kind of parameter (its name without the layer number) and each precision it
-prints the relative error of the gradient against FP32's, ||g - g32|| / ||g32||, and the ratio of
-norms ||g|| / ||g32||: a ratio away from 1 is a bias (a scale wrong somewhere), an error without one
-is noise. Optionally the model first trains a few steps in FP32, so that the gradients are those of
-a model past its initialisation (learning the chain).
+One model, one batch of the synthetic chain (data=synthetic): the loss and every parameter's
+gradient in FP32 (TF32 off: the reference), under BF16 autocast (the `bf16` recipe), and with the
+FP8 layers on under BF16 autocast (the `fp8` recipe; on the CPU, without autocast). For each kind
+of parameter (its name without the layer number) and each precision it prints the relative error
+of the gradient against FP32's, ||g - g32|| / ||g32||, and the ratio of norms ||g|| / ||g32||: a
+ratio away from 1 is a bias (a scale wrong somewhere), an error without one is noise. Optionally
+the model first trains a few steps in FP32, so that the gradients are those of a model past its
+initialisation (learning the chain).
 
 --per-gemm also takes every FP8 Linear's own input, output gradient and weight from the FP32 pass
 and computes its Dgrad (dy @ W) and Wgrad (dy^T @ x) from E4M3-rounded operands, with the recipe's
@@ -40,7 +41,7 @@ MTP_WEIGHT = 0.3  # the recipe's weight for the first part of training (report s
 
 
 def kind(name: str) -> str:
-    """layers.3.attn.wq_a.weight -> attn.wq_a.weight; the dense layers' MLP keeps its own kind."""
+    """layers.3.attn.w_dq.weight -> attn.w_dq.weight: one kind over all layers."""
     return re.sub(r"^layers\.\d+\.", "", name)
 
 
