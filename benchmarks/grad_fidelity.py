@@ -32,7 +32,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dsv3.data.synthetic import SyntheticLoader
-from dsv3.fp8 import KEPT_IN_HIGH_PRECISION, FP8Config, convert, quant
+from dsv3.fp8 import FP8Config, convert, quant
 from dsv3.parallel.runtime import Runtime
 from dsv3.train.build import build_model
 from dsv3.train.config import compose
@@ -58,9 +58,10 @@ def gradients(model, tokens: torch.Tensor, precision: str) -> tuple[float, dict]
     return loss.item(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def record_linears(model) -> dict:
-    """Hooks on the Linears that FP8 converts: name -> (x, dy, W) of the next backward pass."""
-    records = {}
+def record_linears(model, names: list[str]) -> tuple[dict, list]:
+    """Hooks on the Linears `names`: name -> (x, dy, W) of the next backward pass, and the hooks'
+    handles (remove them after that pass)."""
+    records, handles = {}, []
 
     def hook(name):
         def forward(module, inputs, output):
@@ -68,52 +69,58 @@ def record_linears(model) -> dict:
             output.register_hook(lambda dy: records.__setitem__(name, (x, dy.detach(), module.weight.detach())))
         return forward
 
-    for name, module in model.named_modules():
-        if type(module) is torch.nn.Linear and name.rsplit(".", 1)[-1] not in KEPT_IN_HIGH_PRECISION:
-            module.register_forward_hook(hook(name))
-    return records
+    modules = dict(model.named_modules())
+    for name in names:
+        if type(modules[name]) is torch.nn.Linear:  # the routed experts are not
+            handles.append(modules[name].register_forward_hook(hook(name)))
+    return records, handles
 
 
 def rounded_tiles(t: torch.Tensor) -> torch.Tensor:
     """t through E4M3 in 1x128 tiles along its last dimension, back in FP32."""
-    q, scale = quant.quantize_tiles(t.float())
-    return quant.dequantize_tiles(q, scale, t.shape[-1]).float()
+    return quant.dequantize_tiles(*quant.quantize_tiles(t), t.shape[-1])
 
 
 def rounded_blocks(w: torch.Tensor) -> torch.Tensor:
-    q, scale = quant.quantize_blocks(w.float())
-    return quant.dequantize_blocks(q, scale, tuple(w.shape)).float()
+    return quant.dequantize_blocks(*quant.quantize_blocks(w), tuple(w.shape))
+
+
+class Errors:
+    """Sums over tensors of ||approx - exact||^2, ||approx||^2 and ||exact||^2, and from them the
+    relative error ||approx - exact|| / ||exact|| and the norm ratio ||approx|| / ||exact||."""
+
+    def __init__(self):
+        self.diff = self.approx = self.exact = 0.0
+
+    def add(self, approx: torch.Tensor, exact: torch.Tensor) -> None:
+        self.diff += (approx - exact).square().sum().item()
+        self.approx += approx.square().sum().item()
+        self.exact += exact.square().sum().item()
+
+    def figures(self, prefix: str = "") -> dict:
+        if not self.exact:
+            return {f"{prefix}rel_err": 0.0, f"{prefix}norm_ratio": 1.0}
+        return {f"{prefix}rel_err": (self.diff / self.exact) ** 0.5,
+                f"{prefix}norm_ratio": (self.approx / self.exact) ** 0.5}
 
 
 def per_gemm(records: dict) -> dict:
     """Per kind: each backward GEMM from E4M3-rounded operands against FP32, error and norm ratio."""
-    sums = defaultdict(lambda: [0.0] * 6)  # Dgrad: diff^2, fp8^2, fp32^2; Wgrad: the same
+    errors = defaultdict(lambda: (Errors(), Errors()))  # Dgrad, Wgrad
     for name, (x, dy, w) in reversed(records.items()):  # forward order: backward filled it from the top
-        x, dy = x.reshape(-1, x.shape[-1]).float(), dy.reshape(-1, dy.shape[-1]).float()
-        dx, dw = dy @ w, dy.t() @ x
-        dx8 = rounded_tiles(dy) @ rounded_blocks(w)
-        dw8 = rounded_tiles(dy.t().contiguous()) @ rounded_tiles(x.t().contiguous()).t()
-        s = sums[kind(name)]
-        for i, (approx, exact) in enumerate(((dx8, dx), (dw8, dw))):
-            s[3 * i] += (approx - exact).square().sum().item()
-            s[3 * i + 1] += approx.square().sum().item()
-            s[3 * i + 2] += exact.square().sum().item()
-    return {k: {"dgrad_rel_err": (s[0] / s[2]) ** 0.5, "dgrad_norm_ratio": (s[1] / s[2]) ** 0.5,
-                "wgrad_rel_err": (s[3] / s[5]) ** 0.5, "wgrad_norm_ratio": (s[4] / s[5]) ** 0.5}
-            for k, s in sums.items()}
+        x, dy, w = x.reshape(-1, x.shape[-1]).float(), dy.reshape(-1, dy.shape[-1]).float(), w.float()
+        dgrad, wgrad = errors[kind(name)]
+        dgrad.add(rounded_tiles(dy) @ rounded_blocks(w), dy @ w)
+        wgrad.add(rounded_tiles(dy.t().contiguous()) @ rounded_tiles(x.t().contiguous()).t(), dy.t() @ x)
+    return {k: {**dgrad.figures("dgrad_"), **wgrad.figures("wgrad_")} for k, (dgrad, wgrad) in errors.items()}
 
 
 def compare(reference: dict, grads: dict) -> dict:
     """Per kind: relative error and norm ratio over all its parameters together."""
-    sums = defaultdict(lambda: [0.0, 0.0, 0.0])  # ||g - g32||^2, ||g||^2, ||g32||^2
+    errors = defaultdict(Errors)
     for name, g32 in reference.items():
-        g = grads[name]
-        s = sums[kind(name)]
-        s[0] += (g - g32).square().sum().item()
-        s[1] += g.square().sum().item()
-        s[2] += g32.square().sum().item()
-    return {k: {"rel_err": (d / r) ** 0.5 if r else 0.0, "norm_ratio": (n / r) ** 0.5 if r else 1.0}
-            for k, (d, n, r) in sums.items()}
+        errors[kind(name)].add(grads[name], g32)
+    return {k: e.figures() for k, e in errors.items()}
 
 
 def main() -> None:
@@ -148,12 +155,14 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
 
     tokens = batch()
-    fp8_model = copy.deepcopy(model)  # before the hooks
-    records = record_linears(model) if args.per_gemm else {}
+    fp8_model = copy.deepcopy(model)
+    converted = convert(fp8_model, FP8Config(enabled=True))
+    records, handles = record_linears(model, converted if args.per_gemm else [])
     loss32, reference = gradients(model, tokens, "fp32")
+    for handle in handles:
+        handle.remove()
     gemms = per_gemm(records)
     records.clear()
-    convert(fp8_model, FP8Config(enabled=True))
     results = {"bf16": gradients(model, tokens, "bf16"), "fp8": gradients(fp8_model, tokens, "fp8")}
     print(f"# {args.model}, {cfg.n_layers} layers, {args.batch} x {args.seq_len} tokens on {device}, "
           f"after {args.warm_steps} FP32 steps; loss FP32 {loss32:.5f}, "
