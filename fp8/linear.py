@@ -31,7 +31,7 @@ from . import quant
 from .gemm import gemm
 from .grouped import grouped_gemm, grouped_wgrad
 from .groups import Groups
-from .quant import E4M3, TILE, padded
+from .quant import E4M3, TILE, empty_tiles, padded
 
 
 def _ops(device: torch.device):
@@ -43,11 +43,6 @@ def _ops(device: torch.device):
         from . import kernels
         return kernels
     return quant
-
-
-def _fp8(like: Tensor, rows: int, cols: int) -> tuple[Tensor, Tensor]:
-    """Empty E4M3 (rows, cols) and its 1x128 scales (rows, cols/128): what the fake kernels return."""
-    return like.new_empty((rows, cols), dtype=E4M3), like.new_empty((rows, cols // TILE), dtype=torch.float32)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -135,8 +130,8 @@ def _(x, w1, w3, w2, groups, out_dtype, power_of_two):
     def blocks(r: int, c: int):
         return (w1.new_empty((n_experts, r, c), dtype=E4M3),
                 w1.new_empty((n_experts, r // TILE, c // TILE), dtype=torch.float32))
-    return (x.new_empty((rows, dim), dtype=out_dtype), *_fp8(x, rows, padded(dim)), *_fp8(x, rows, 2 * inter),
-            *blocks(padded(dim), 2 * inter), *blocks(inter, padded(dim)))
+    return (x.new_empty((rows, dim), dtype=out_dtype), *empty_tiles(x, rows, padded(dim)),
+            *empty_tiles(x, rows, 2 * inter), *blocks(padded(dim), 2 * inter), *blocks(inter, padded(dim)))
 
 
 @custom_op("dsv3::fp8_experts_backward", mutates_args=())
@@ -149,14 +144,16 @@ def experts_backward(dy: Tensor, x_q: Tensor, x_s: Tensor, gu_q: Tensor, gu_s: T
     ops = _ops(dy.device)
     groups = Groups(*groups)
     dim = dy.shape[1]
-    dy_q, dy_s = ops.quantize_tiles(dy, power_of_two)
+    # each of dy, h and d[gate | up] goes straight into the FP8 tiles its GEMMs read: 1x128 for
+    # Dgrad, 128x1 per expert for Wgrad (h and d[gate | up] are never stored in dy.dtype)
+    dy_q, dy_s, dyt_q, dyt_s = ops.quantize_tiles_and_transposed(dy, power_of_two, groups)
     dh = grouped_gemm(dy_q, dy_s, w2_q, w2_s, groups, dy.dtype)
-    h, dgu = ops.swiglu_backward(gu_q, gu_s, dh, dy.dtype)
-    dgu_q, dgu_s = ops.quantize_tiles(dgu, power_of_two)
+    ht_q, ht_s, dgu_q, dgu_s, dgut_q, dgut_s = ops.swiglu_backward_quantize(gu_q, gu_s, dh, dy.dtype, power_of_two,
+                                                                            groups)
     dx = grouped_gemm(dgu_q, dgu_s, w13_q, w13_s, groups, x_dtype, n_out=dim)
-    dw2, = grouped_wgrad(*ops.quantize_wgrad_operands(h, dy, power_of_two, groups), groups, inter, (dim,))
-    dw1, dw3 = grouped_wgrad(*ops.quantize_wgrad_operands(x_q, dgu, power_of_two, groups, a_scale=x_s), groups, dim,
-                             (inter, inter))
+    dw2, = grouped_wgrad(ht_q, ht_s, dyt_q, dyt_s, groups, inter, (dim,))
+    xt_q, xt_s = ops.quantize_tiles_transposed(x_q, power_of_two, groups, x_scale=x_s)
+    dw1, dw3 = grouped_wgrad(xt_q, xt_s, dgut_q, dgut_s, groups, dim, (inter, inter))
     return dx.contiguous(), dw1.contiguous(), dw3.contiguous(), dw2.contiguous()
 
 
