@@ -106,32 +106,32 @@ class FP8Linear(nn.Linear):
 
 
 @custom_op("dsv3::fp8_experts_forward", mutates_args=())
-def experts_forward(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, groups: list[Tensor], out_dtype: torch.dtype,
-                    power_of_two: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Expert-sorted rows x (rows, dim) -> y (rows, dim) in out_dtype, and the FP8 cache backward
-    reads: x and [gate | up] in 1x128 tiles, [W1 | W3] and W2 in 128x128 blocks. `groups` is
-    Groups.tensors()."""
-    ops = _ops(x.device)
+def experts_forward(x_q: Tensor, x_s: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, groups: list[Tensor],
+                    out_dtype: torch.dtype, power_of_two: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                         Tensor]:
+    """Expert-sorted rows in 1x128 tiles, x_q (rows, dim padded) with scales x_s -> y (rows, dim) in
+    out_dtype, and the rest of the FP8 cache backward reads: [gate | up] in 1x128 tiles, [W1 | W3]
+    and W2 in 128x128 blocks. `groups` is Groups.tensors()."""
+    ops = _ops(x_q.device)
     groups = Groups(*groups)
     dim = w1.shape[1]
-    x_q, x_s = ops.quantize_tiles(x, power_of_two)
     w13_q, w13_s, w13_qt, w13_st = ops.quantize_expert_blocks([w1, w3], power_of_two)  # (E, dim, 2 * inter)
     w2_q, w2_s, w2_qt, w2_st = ops.quantize_expert_blocks([w2], power_of_two)  # (E, inter, dim), padded
     gu = grouped_gemm(x_q, x_s, w13_qt, w13_st, groups, out_dtype)
     h_q, h_s, gu_q, gu_s = ops.swiglu_quantize(gu, power_of_two)
     y = grouped_gemm(h_q, h_s, w2_qt, w2_st, groups, out_dtype, n_out=dim)
-    return y.contiguous(), x_q, x_s, gu_q, gu_s, w13_q, w13_s, w2_q, w2_s
+    return y.contiguous(), gu_q, gu_s, w13_q, w13_s, w2_q, w2_s
 
 
 @experts_forward.register_fake
-def _(x, w1, w3, w2, groups, out_dtype, power_of_two):
-    (rows, dim), (n_experts, inter) = x.shape, (w1.shape[0], padded(w1.shape[2]))
+def _(x_q, x_s, w1, w3, w2, groups, out_dtype, power_of_two):
+    rows, (n_experts, dim, inter) = x_q.shape[0], (w1.shape[0], w1.shape[1], padded(w1.shape[2]))
 
     def blocks(r: int, c: int):
         return (w1.new_empty((n_experts, r, c), dtype=E4M3),
                 w1.new_empty((n_experts, r // TILE, c // TILE), dtype=torch.float32))
-    return (x.new_empty((rows, dim), dtype=out_dtype), *empty_tiles(x, rows, padded(dim)),
-            *empty_tiles(x, rows, 2 * inter), *blocks(padded(dim), 2 * inter), *blocks(inter, padded(dim)))
+    return (x_q.new_empty((rows, dim), dtype=out_dtype), *empty_tiles(x_q, rows, 2 * inter),
+            *blocks(padded(dim), 2 * inter), *blocks(inter, padded(dim)))
 
 
 @custom_op("dsv3::fp8_experts_backward", mutates_args=())
@@ -171,8 +171,11 @@ class FP8ExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, counts, w1, w3, w2, out_dtype: torch.dtype, power_of_two: bool):
         groups = Groups.of(counts, x.shape[0]).tensors()
-        y, *saved = experts_forward(x, w1, w3, w2, groups, out_dtype, power_of_two)
-        ctx.save_for_backward(*saved, *groups)
+        # quantised outside the operator: in a compiled graph Inductor fuses this with the gather
+        # that sorts the rows by expert, so the sorted rows are never written in BF16
+        x_q, x_s = _ops(x.device).quantize_tiles(x, power_of_two)
+        y, *cache = experts_forward(x_q, x_s, w1, w3, w2, groups, out_dtype, power_of_two)
+        ctx.save_for_backward(x_q, x_s, *cache, *groups)
         ctx.meta = (w1.shape[2], x.dtype, power_of_two)
         return y
 

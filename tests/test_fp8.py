@@ -254,17 +254,19 @@ def test_fp8_operators_pass_opcheck():
     """The experts' two operators and the Linear's weight gradient: schemas, fake (meta) kernels and
     autograd registration agree with what they compute (torch.library.opcheck), which torch.compile
     relies on to call them from a graph. opcheck's schema and AOT checks do arithmetic on E4M3
-    inputs or outputs, which the CPU lacks, so they run where they can (the forward's schema); the
-    compiled test below covers AOT dispatch."""
+    inputs or outputs, which the CPU lacks, so they are left out (every operator takes or returns
+    E4M3); the compiled test below covers AOT dispatch."""
     from dsv3.fp8 import linear as ops
 
     _, experts = _fp8_layers()
-    rows, counts = torch.randn(350, 160), torch.tensor([30, 0, 300, 20])
+    rows_q, rows_s = quantize_tiles(torch.randn(350, 160), True)
+    counts = torch.tensor([30, 0, 300, 20])
     groups = Groups.of(counts, 350).tensors()
-    y, *saved = ops.experts_forward(rows, experts.w1, experts.w3, experts.w2, groups, torch.float32, True)
-    torch.library.opcheck(ops.experts_forward, (rows, experts.w1, experts.w3, experts.w2, groups, torch.float32, True),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    torch.library.opcheck(ops.experts_backward, (torch.randn(350, 160), *saved, groups, 64, torch.float32, True),
+    forward_args = (rows_q, rows_s, experts.w1, experts.w3, experts.w2, groups, torch.float32, True)
+    y, *cache = ops.experts_forward(*forward_args)
+    torch.library.opcheck(ops.experts_forward, forward_args, test_utils=("test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(ops.experts_backward, (torch.randn(350, 160), rows_q, rows_s, *cache, groups, 64,
+                                                 torch.float32, True),
                           test_utils=("test_autograd_registration", "test_faketensor"))
     x_q, x_s = quantize_tiles(data(300, 200, seed=1))
     torch.library.opcheck(ops.linear_wgrad, (data(300, 150, seed=2), x_q, x_s, False),
