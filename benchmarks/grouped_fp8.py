@@ -14,12 +14,8 @@ balanced but not multiples of 128, and Zipf-skewed (some experts get none).
 
     python benchmarks/grouped_fp8.py [--iters 20] [--sweep] [--before DIR]
 
-Then the experts' whole backward quantisation (dy, the SwiGLU backward's h and d[gate | up], x^T;
-ragged counts) and an FP8 Linear's weight-gradient quantisation at `small`'s projections, each with
-the bytes it moves and its bandwidth.
-
---sweep also times tile/pipelining variants of the FP8 kernels, the columns per program of the
-transposing quantisation and the warps of the fused backward quantisation, on a few shapes; --before DIR times another checkout's fp8 kernels
+--sweep also times tile/pipelining variants of the FP8 kernels, and the columns per program of the
+transposing quantisation, on a few shapes; --before DIR times another checkout's fp8 kernels
 (DIR/fp8/kernels.py) on the same operands, its quantisation too where it has the same functions:
 the before/after table.
 Times are medians of CUDA-event timings after warm-up.
@@ -56,20 +52,6 @@ PROJECTIONS = {  # name: (experts, rows, K, N)
 }
 SMOKE_PROJECTIONS = {"smoke up": (4, 300, 256, 256)}
 SWEEP_ON = ("v3 up, 8 experts", "v2-lite up", "v2-lite down")
-EXPERTS = {  # the experts' whole backward quantisation: (experts, rows, dim, inter)
-    "v3, 8 experts": (8, 32768, 7168, 2048),
-    "v3, 32 experts": (32, 32768, 7168, 2048),
-    "v2-lite": (64, 98304, 2048, 1408),
-    "small": (64, 98304, 1024, 384),
-}
-SMOKE_EXPERTS = {"smoke": (4, 300, 256, 128)}
-LINEARS = {  # an FP8 Linear's weight-gradient quantisation: (tokens, out, in) of `small`'s projections, 4 x 4096
-    "small wq_a": (16384, 384, 1024),
-    "small wq_b": (16384, 3072, 384),
-    "small wkv_b": (16384, 4096, 256),
-    "small wo": (16384, 1024, 2048),
-}
-SMOKE_LINEARS = {"smoke linear": (300, 200, 160)}
 
 
 def row_counts(rows: int, experts: int, layout: str, generator: torch.Generator) -> torch.Tensor:
@@ -210,83 +192,6 @@ def case(name, shape, layout, device, iters, before, sweep, generator):
                               "ms": round(seconds(transposed, iters, cuda) * 1e3, 3)}), flush=True)
 
 
-def experts_backward_quantisation(ops, o, groups):
-    """Every quantisation of the experts' backward, as its operator runs them (fp8/linear.py), or,
-    for a checkout without the fused kernels, as it ran them there: dy's two tilings, the SwiGLU
-    backward with h's and d[gate | up]'s tilings, and x^T from x's FP8 copy."""
-    if hasattr(ops, "swiglu_backward_quantize"):
-        ops.quantize_tiles_and_transposed(o["dy"], False, groups)
-        ops.swiglu_backward_quantize(o["gu_q"], o["gu_s"], o["dh"], o["dy"].dtype, False, groups)
-        ops.quantize_tiles_transposed(o["x_q"], False, groups, x_scale=o["x_s"])
-        return
-    ops.quantize_tiles(o["dy"])
-    h, dgu = ops.swiglu_backward(o["gu_q"], o["gu_s"], o["dh"], o["dy"].dtype)
-    ops.quantize_tiles(dgu)
-    if hasattr(ops, "quantize_wgrad_operands"):
-        ops.quantize_wgrad_operands(h, o["dy"], False, groups)
-        ops.quantize_wgrad_operands(o["x_q"], dgu, False, groups, a_scale=o["x_s"])
-    else:
-        for t in (h, o["dy"], dgu):
-            ops.quantize_tiles_transposed(t, False, groups)
-        ops.quantize_tiles_transposed(o["x_q"], False, groups, x_scale=o["x_s"])
-
-
-def experts_case(name, shape, device, iters, before, sweep, generator):
-    """The experts' backward quantisation (ragged counts) now and, with --before, in the other
-    checkout; with the bytes the fused path moves (scales not counted) and its bandwidth."""
-    n_experts, rows, dim, inter = shape
-    cuda = device.type == "cuda"
-    groups = Groups.of(row_counts(rows, n_experts, "ragged", generator).to(device), rows)
-    x_q, x_s = _ops(device).quantize_tiles(torch.randn(rows, dim, generator=generator).to(device))
-    gu_q, gu_s = _ops(device).quantize_tiles(torch.randn(rows, 2 * inter, generator=generator).to(device))
-    o = dict(x_q=x_q, x_s=x_s, gu_q=gu_q, gu_s=gu_s,
-             dy=torch.randn(rows, dim, generator=generator).to(device, torch.bfloat16),
-             dh=torch.randn(rows, inter, generator=generator).to(device, torch.bfloat16))
-    rows_pad = 128 * groups.n_tiles
-    read = rows * dim * 2 + rows * 2 * inter + rows * inter * 2 + rows * dim  # dy, the cache, dh, x_q
-    written = (rows + rows_pad) * dim + rows_pad * inter + (rows + rows_pad) * 2 * inter + rows_pad * dim
-    t = seconds(lambda: experts_backward_quantisation(_ops(device), o, groups), iters, cuda)
-    row = {"experts_backward_quantisation": name, "experts": n_experts, "rows": rows, "dim": dim, "inter": inter,
-           "ms": round(t * 1e3, 3), "gb": round((read + written) / 1e9, 6),
-           "tb_per_s": round((read + written) / t / 1e12, 2)}
-    if before is not None:
-        row["before_ms"] = round(seconds(lambda: experts_backward_quantisation(before, o, groups), iters, cuda) * 1e3,
-                                 3)
-    print(json.dumps(row), flush=True)
-    if sweep:
-        from dsv3.fp8 import kernels
-        default = kernels.FUSED_WARPS
-        for warps in (4, 8, 16)[:1 if device.type == "cpu" else 3]:
-            kernels.FUSED_WARPS = warps
-            try:
-                t = seconds(lambda: experts_backward_quantisation(kernels, o, groups), iters, cuda)
-            finally:
-                kernels.FUSED_WARPS = default
-            print(json.dumps({"sweep": name, "gemm": "experts backward quantisation", "fused_warps": warps,
-                              "ms": round(t * 1e3, 3)}), flush=True)
-
-
-def linear_case(name, shape, device, iters, before, generator):
-    """An FP8 Linear's weight-gradient quantisation: the output gradient's and the cached FP8 input's
-    128x1 tiles, now and, with --before, in the other checkout."""
-    tokens, n, k = shape
-    cuda = device.type == "cuda"
-    grad = torch.randn(tokens, n, generator=generator).to(device, torch.bfloat16)
-    x_q, x_s = _ops(device).quantize_tiles(torch.randn(tokens, k, generator=generator).to(device))
-    moved = tokens * (2 * n + k) + 128 * -(-tokens // 128) * (n + k)
-
-    def quantise(ops):
-        if hasattr(ops, "quantize_wgrad_operands"):
-            return lambda: ops.quantize_wgrad_operands(grad, x_q, False, b_scale=x_s)
-        return lambda: (ops.quantize_tiles_transposed(grad), ops.quantize_tiles_transposed(x_q, x_scale=x_s))
-    t = seconds(quantise(_ops(device)), iters, cuda)
-    row = {"linear_wgrad_quantisation": name, "tokens": tokens, "n": n, "k": k, "ms": round(t * 1e3, 3),
-           "gb": round(moved / 1e9, 6), "tb_per_s": round(moved / t / 1e12, 2)}
-    if before is not None:
-        row["before_ms"] = round(seconds(quantise(before), iters, cuda) * 1e3, 3)
-    print(json.dumps(row), flush=True)
-
-
 def sweep_configs(kernels):
     base = kernels.GemmConfig()
     yield from (dataclasses.replace(base, **change) for change in (
@@ -319,11 +224,6 @@ def main() -> None:
         for layout in layouts:
             case(name, shape, layout, device, 1 if args.smoke else args.iters, before,
                  args.sweep and (args.smoke or name in SWEEP_ON) and layout == "zipf", generator)
-    for name, shape in (SMOKE_EXPERTS if args.smoke else EXPERTS).items():
-        experts_case(name, shape, device, 1 if args.smoke else args.iters, before,
-                     args.sweep and (args.smoke or name in ("v2-lite", "small")), generator)
-    for name, shape in (SMOKE_LINEARS if args.smoke else LINEARS).items():
-        linear_case(name, shape, device, 1 if args.smoke else args.iters, before, generator)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,10 @@
 - `quantize_tiles_transposed`: 1x128 tiles of x^T, i.e. 128x1 tiles of x, written transposed, in
   one pass, per expert when given `Groups`, optionally dequantising an FP8 input on the way in:
   what the weight gradient needs of the saved input and of the output gradient;
-  `quantize_wgrad_operands`: both of them in one launch; `quantize_tiles_and_transposed`: x's
-  1x128 tiles and x^T's from one read of x (the experts' output gradient).
+  `quantize_wgrad_operands`: both of them in one launch.
 - `quantize_weight`, `quantize_expert_blocks`: 128x128 blocks of W and of W^T (weights), in one pass.
-- `swiglu_quantize`, `swiglu_backward_quantize`: the experts' SwiGLU fused with its quantisation,
-  and its backward from the FP8 cache of its input fused with the quantisation of all it produces
-  for the backward GEMMs.
+- `swiglu_quantize`, `swiglu_backward`: the experts' SwiGLU fused with its quantisation, and its
+  backward from the FP8 cache of its input.
 - `launch_grouped_gemm`, `launch_grouped_wgrad`: the GEMMs behind `grouped.py`.
 Scales are amax/448 (clamped, optionally powers of two), and values are divided with IEEE
 rounding (div_rn), as torch divides, so the GPU quantisation equals the reference bit for bit.
@@ -26,7 +24,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .groups import Groups
-from .quant import E4M3, TILE, empty_tiles, padded
+from .quant import E4M3, TILE, padded
 
 
 @triton.jit
@@ -53,42 +51,6 @@ def _tiles_kernel(x_ptr, q_ptr, s_ptr, rows, k, k_pad, POW2: tl.constexpr, ROWS:
 
 
 @triton.jit
-def _tile_rows(tile, start_ptr, end_ptr, rows, GROUPED: tl.constexpr, TILE_R: tl.constexpr):
-    """Row tile `tile`'s rows [start, end): per expert from start_ptr, end_ptr when GROUPED, else
-    [128 tile, min(128 (tile + 1), rows))."""
-    if GROUPED:
-        start = tl.load(start_ptr + tile).to(tl.int64)
-        end = tl.load(end_ptr + tile)
-    else:
-        start = tile.to(tl.int64) * TILE_R
-        end = rows
-    return start, end
-
-
-@triton.jit
-def _store_row_tiles(x, r, row_mask, c, q_ptr, q_cols, s_ptr, s_col, POW2: tl.constexpr):
-    """x (rows r, 128 columns c) fp32 -> one 1x128 tile per row: q[r, c] (q_cols wide) and its
-    scale s[r, s_col] (q_cols / 128 wide)."""
-    scale = _scale(tl.max(tl.abs(x), axis=1), POW2)
-    q = tl.math.div_rn(x, scale[:, None]).to(q_ptr.dtype.element_ty)
-    tl.store(q_ptr + r[:, None] * q_cols + c[None, :], q, mask=row_mask[:, None])
-    tl.store(s_ptr + r * (q_cols // 128) + s_col, scale, mask=row_mask)
-
-
-@triton.jit
-def _store_column_tiles(x, tile, c, col_mask, qt_ptr, rows_pad, st_ptr, st_cols, POW2: tl.constexpr,
-                        TILE_R: tl.constexpr):
-    """x (the 128 rows of row tile `tile`, columns c) fp32 -> one 128x1 tile per column, written
-    transposed: q^T[c, 128 tile ...] ((channels, rows_pad)) and its scale st[tile, c] ((tiles,
-    st_cols))."""
-    scale = _scale(tl.max(tl.abs(x), axis=0), POW2)
-    q = tl.math.div_rn(x, scale[None, :]).to(qt_ptr.dtype.element_ty)
-    out = tile * TILE_R + tl.arange(0, TILE_R)
-    tl.store(qt_ptr + c[None, :].to(tl.int64) * rows_pad + out[:, None], q, mask=col_mask[None, :])
-    tl.store(st_ptr + tile * st_cols + c, scale, mask=col_mask)
-
-
-@triton.jit
 def _transpose_tile(x_ptr, x_scale_ptr, q_ptr, s_ptr, start, end, tile, col_block, k, rows_pad,
                     DEQUANTIZE: tl.constexpr, POW2: tl.constexpr, TILE_R: tl.constexpr, COLS: tl.constexpr):
     """Rows [start, end) of x (rows, k), at most 128, and COLS of its columns -> column block `tile`
@@ -100,7 +62,11 @@ def _transpose_tile(x_ptr, x_scale_ptr, q_ptr, s_ptr, start, end, tile, col_bloc
     x = tl.load(x_ptr + r[:, None] * k + c[None, :], mask=mask, other=0.0).to(tl.float32)
     if DEQUANTIZE:
         x *= tl.load(x_scale_ptr + r[:, None] * (k // TILE_R) + c[None, :] // TILE_R, mask=mask, other=0.0)
-    _store_column_tiles(x, tile, c, c < k, q_ptr, rows_pad, s_ptr, k, POW2, TILE_R)
+    scale = _scale(tl.max(tl.abs(x), axis=0), POW2)  # (COLS,)
+    q = tl.math.div_rn(x, scale[None, :]).to(q_ptr.dtype.element_ty)
+    out = tile * TILE_R + tl.arange(0, TILE_R)
+    tl.store(q_ptr + c[None, :].to(tl.int64) * rows_pad + out[:, None], q, mask=c[None, :] < k)
+    tl.store(s_ptr + tile * k + c, scale, mask=c < k)
 
 
 @triton.jit
@@ -109,33 +75,23 @@ def _tiles_transposed_kernel(a_ptr, a_scale_ptr, qa_ptr, sa_ptr, b_ptr, b_scale_
                              DEQUANTIZE_A: tl.constexpr, DEQUANTIZE_B: tl.constexpr, POW2: tl.constexpr,
                              TILE_R: tl.constexpr, COLS: tl.constexpr):
     """Row tile `tile` of a (and of b, which has the same rows): the grid's column blocks below
-    a_blocks are a's, the rest b's, so a weight gradient's two operands take one launch. Column
-    blocks are the grid's first axis, so that the programs running together read whole rows."""
-    col_block = tl.program_id(0)
-    tile = tl.program_id(1)
-    start, end = _tile_rows(tile, start_ptr, end_ptr, rows, GROUPED, TILE_R)
+    a_blocks are a's, the rest b's, so a weight gradient's two operands take one launch.
+    GROUPED: the tiles' rows come from start_ptr, end_ptr (per expert); otherwise tile i is rows
+    [128 i, min(128 (i + 1), rows))."""
+    tile = tl.program_id(0)
+    col_block = tl.program_id(1)
+    if GROUPED:
+        start = tl.load(start_ptr + tile).to(tl.int64)
+        end = tl.load(end_ptr + tile)
+    else:
+        start = tile.to(tl.int64) * TILE_R
+        end = rows
     if col_block < a_blocks:
         _transpose_tile(a_ptr, a_scale_ptr, qa_ptr, sa_ptr, start, end, tile, col_block, k_a, rows_pad,
                         DEQUANTIZE_A, POW2, TILE_R, COLS)
     else:
         _transpose_tile(b_ptr, b_scale_ptr, qb_ptr, sb_ptr, start, end, tile, col_block - a_blocks, k_b, rows_pad,
                         DEQUANTIZE_B, POW2, TILE_R, COLS)
-
-
-@triton.jit
-def _tiles_and_transposed_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, start_ptr, end_ptr, rows, k, k_pad, rows_pad,
-                                 GROUPED: tl.constexpr, POW2: tl.constexpr, TILE_R: tl.constexpr):
-    """One 128x128 tile of x, read once: its rows' 1x128 tiles and its columns' 128x1 tiles."""
-    col_block = tl.program_id(0)
-    tile = tl.program_id(1)
-    start, end = _tile_rows(tile, start_ptr, end_ptr, rows, GROUPED, TILE_R)
-    r = start + tl.arange(0, TILE_R)
-    c = col_block * TILE_R + tl.arange(0, TILE_R)
-    row_mask, col_mask = r < end, c < k
-    x = tl.load(x_ptr + r[:, None] * k + c[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-    x = x.to(tl.float32)
-    _store_row_tiles(x, r, row_mask, c, q_ptr, k_pad, s_ptr, col_block, POW2)
-    _store_column_tiles(x, tile, c, col_mask, qt_ptr, rows_pad, st_ptr, k, POW2, TILE_R)
 
 
 @triton.jit
@@ -162,8 +118,6 @@ def _expert_blocks_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, rows, cols, rows_
 
 ELEMENTWISE_ROWS = 16  # rows per program of the tile-wise kernels
 TRANSPOSED_COLS = 32  # columns per program of the transposing one
-FUSED_WARPS = 8  # warps per 128x128 tile of the kernels that write both tilings
-TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def quantize_expert_blocks(weights: list[torch.Tensor], power_of_two: bool = False):
@@ -202,7 +156,8 @@ def quantize_tiles(x: torch.Tensor, power_of_two: bool = False) -> tuple[torch.T
     shape, k = x.shape, x.shape[-1]
     flat = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()  # no operator call for a 2-d x
     rows, k_pad = flat.shape[0], padded(k)
-    q, s = empty_tiles(x, rows, k_pad)
+    q = torch.empty((rows, k_pad), dtype=E4M3, device=x.device)
+    s = torch.empty((rows, k_pad // TILE), dtype=torch.float32, device=x.device)
     if rows:
         _tiles_kernel[(triton.cdiv(rows, ELEMENTWISE_ROWS), k_pad // TILE)](flat, q, s, rows, k, k_pad,
                                                                            POW2=power_of_two, ROWS=ELEMENTWISE_ROWS,
@@ -247,31 +202,13 @@ def _transposed(operands: list[tuple[torch.Tensor, torch.Tensor | None]], power_
         a_blocks = triton.cdiv(a.shape[1], cols)
         col_blocks = a_blocks + (triton.cdiv(b.shape[1], cols) if len(operands) == 2 else 0)
         start, end = (a, a) if groups is None else (groups.start, groups.end)  # read only when grouped
-        _tiles_transposed_kernel[(col_blocks, n_tiles)](
+        _tiles_transposed_kernel[(n_tiles, col_blocks)](
             a, a if a_scale is None else a_scale, qa, sa, b, b if b_scale is None else b_scale, qb, sb, start, end,
             rows, a.shape[1], b.shape[1], a_blocks, rows_pad, GROUPED=groups is not None,
             DEQUANTIZE_A=a_scale is not None, DEQUANTIZE_B=b_scale is not None, POW2=power_of_two, TILE_R=TILE,
             COLS=cols)
     # scales (k, tiles) with the tiles outermost: the layout cuBLASLt and the Wgrad kernel read
     return tuple(t for q, s in outputs for t in (q, s.t()))
-
-
-def quantize_tiles_and_transposed(x: torch.Tensor, power_of_two: bool = False, groups: Groups | None = None):
-    """See quant.quantize_tiles_and_transposed (the reference): x (rows, k) read once, in 128x128
-    tiles -> its 1x128 tiles (q (rows, k padded), scales) and those of x^T (q (k, P), scales (k,
-    P/128), as quantize_tiles_transposed)."""
-    x = x.contiguous()
-    (rows, k), k_pad = x.shape, padded(x.shape[1])
-    n_tiles = -(-rows // TILE) if groups is None else groups.n_tiles
-    q, s = empty_tiles(x, rows, k_pad)
-    qt = torch.empty((k, TILE * n_tiles), dtype=E4M3, device=x.device)
-    st = torch.empty((n_tiles, k), dtype=torch.float32, device=x.device)
-    if rows:
-        start, end = (x, x) if groups is None else (groups.start, groups.end)  # read only when grouped
-        _tiles_and_transposed_kernel[(k_pad // TILE, n_tiles)](x, q, s, qt, st, start, end, rows, k, k_pad,
-                                                               TILE * n_tiles, GROUPED=groups is not None,
-                                                               POW2=power_of_two, TILE_R=TILE, num_warps=FUSED_WARPS)
-    return q, s, qt, st.t()
 
 
 @triton.jit
@@ -306,46 +243,35 @@ def _swiglu_quantize_kernel(gu_ptr, h_ptr, h_scale_ptr, cache_ptr, cache_scale_p
 
 
 @triton.jit
-def _swiglu_backward_quantize_kernel(cache_ptr, cache_scale_ptr, dh_ptr, ht_ptr, ht_scale_ptr, dgu_ptr, dgu_scale_ptr,
-                                     dgut_ptr, dgut_scale_ptr, start_ptr, end_ptr, rows, inter, rows_pad,
-                                     GROUPED: tl.constexpr, POW2: tl.constexpr, DTYPE: tl.constexpr,
-                                     TILE_R: tl.constexpr):
-    """One 128-row tile and 128 of the inter columns: from the FP8 cache of [gate | up] and dh,
-    h = silu(gate) * up and d[gate | up] (each rounded to DTYPE, as the unfused path stores them),
-    written only as the backward GEMMs' operands: h in 128x1 tiles, d[gate | up] in 1x128 and in
-    128x1 tiles. Rows past the tile's end are zeros in the 128x1 tiles."""
-    col_block = tl.program_id(0)
+def _swiglu_backward_kernel(cache_ptr, cache_scale_ptr, dh_ptr, h_ptr, dgu_ptr, rows, inter, ROWS: tl.constexpr,
+                            TILE_K: tl.constexpr):
+    """From the FP8 cache of [gate | up] and dh: h = silu(gate) * up again, and d[gate | up]."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     tile = tl.program_id(1)
-    start, end = _tile_rows(tile, start_ptr, end_ptr, rows, GROUPED, TILE_R)
-    tiles = inter // TILE_R
-    r = start + tl.arange(0, TILE_R)
-    row_mask = r < end
-    c = col_block * TILE_R + tl.arange(0, TILE_R)
-    col_mask = c < inter  # all true: inter is whole tiles
-    m = row_mask[:, None]
-    gate_scale = tl.load(cache_scale_ptr + r * 2 * tiles + col_block, mask=row_mask, other=0.0)
-    up_scale = tl.load(cache_scale_ptr + r * 2 * tiles + tiles + col_block, mask=row_mask, other=0.0)
-    gate = tl.load(cache_ptr + r[:, None] * 2 * inter + c[None, :], mask=m, other=0.0).to(tl.float32)
-    up = tl.load(cache_ptr + r[:, None] * 2 * inter + inter + c[None, :], mask=m, other=0.0).to(tl.float32)
-    dh = tl.load(dh_ptr + r[:, None] * inter + c[None, :], mask=m, other=0.0).to(tl.float32)
-    gate *= gate_scale[:, None]
-    up *= up_scale[:, None]
+    tiles = inter // TILE_K
+    mask = r < rows
+    row = r[:, None].to(tl.int64)
+    cols = tile * TILE_K + tl.arange(0, TILE_K)[None, :]
+    gate_scale = tl.load(cache_scale_ptr + r * 2 * tiles + tile, mask=mask)
+    up_scale = tl.load(cache_scale_ptr + r * 2 * tiles + tiles + tile, mask=mask)
+    gate = tl.load(cache_ptr + row * 2 * inter + cols, mask=mask[:, None]).to(tl.float32) * gate_scale[:, None]
+    up = tl.load(cache_ptr + row * 2 * inter + inter + cols, mask=mask[:, None]).to(tl.float32) * up_scale[:, None]
+    dh = tl.load(dh_ptr + row * inter + cols, mask=mask[:, None]).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
-    h = (silu * up).to(DTYPE).to(tl.float32)
-    _store_column_tiles(h, tile, c, col_mask, ht_ptr, rows_pad, ht_scale_ptr, inter, POW2, TILE_R)
-    dgate = (dh * up * sig * (1 + gate * (1 - sig))).to(DTYPE).to(tl.float32)
-    _store_row_tiles(dgate, r, row_mask, c, dgu_ptr, 2 * inter, dgu_scale_ptr, col_block, POW2)
-    _store_column_tiles(dgate, tile, c, col_mask, dgut_ptr, rows_pad, dgut_scale_ptr, 2 * inter, POW2, TILE_R)
-    dup = (dh * silu).to(DTYPE).to(tl.float32)
-    _store_row_tiles(dup, r, row_mask, inter + c, dgu_ptr, 2 * inter, dgu_scale_ptr, tiles + col_block, POW2)
-    _store_column_tiles(dup, tile, inter + c, col_mask, dgut_ptr, rows_pad, dgut_scale_ptr, 2 * inter, POW2, TILE_R)
+    tl.store(h_ptr + row * inter + cols, (silu * up).to(h_ptr.dtype.element_ty), mask=mask[:, None])
+    dgate = dh * up * sig * (1 + gate * (1 - sig))
+    tl.store(dgu_ptr + row * 2 * inter + cols, dgate.to(dgu_ptr.dtype.element_ty), mask=mask[:, None])
+    tl.store(dgu_ptr + row * 2 * inter + inter + cols, (dh * silu).to(dgu_ptr.dtype.element_ty), mask=mask[:, None])
 
 
 def swiglu_quantize(gu: torch.Tensor, power_of_two: bool = False):
     """See quant.swiglu_quantize (the reference)."""
     rows, inter = gu.shape[0], gu.shape[1] // 2
-    (h, h_scale), (cache, cache_scale) = empty_tiles(gu, rows, inter), empty_tiles(gu, rows, 2 * inter)
+    h = torch.empty((rows, inter), dtype=E4M3, device=gu.device)
+    h_scale = torch.empty((rows, inter // TILE), dtype=torch.float32, device=gu.device)
+    cache = torch.empty((rows, 2 * inter), dtype=E4M3, device=gu.device)
+    cache_scale = torch.empty((rows, 2 * inter // TILE), dtype=torch.float32, device=gu.device)
     if rows:
         grid = (triton.cdiv(rows, ELEMENTWISE_ROWS), inter // TILE)
         _swiglu_quantize_kernel[grid](gu.contiguous(), h, h_scale, cache, cache_scale, rows, inter, POW2=power_of_two,
@@ -353,25 +279,16 @@ def swiglu_quantize(gu: torch.Tensor, power_of_two: bool = False):
     return h, h_scale, cache, cache_scale
 
 
-def swiglu_backward_quantize(cache: torch.Tensor, cache_scale: torch.Tensor, dh: torch.Tensor, dtype: torch.dtype,
-                             power_of_two: bool = False, groups: Groups | None = None):
-    """See quant.swiglu_backward_quantize (the reference): one pass that never writes h or
-    d[gate | up] in dtype, only their FP8 tiles."""
+def swiglu_backward(cache: torch.Tensor, cache_scale: torch.Tensor, dh: torch.Tensor, dtype: torch.dtype):
+    """See quant.swiglu_backward (the reference)."""
     rows, inter = dh.shape
-    n_tiles = -(-rows // TILE) if groups is None else groups.n_tiles
-    rows_pad = TILE * n_tiles
-    ht = torch.empty((inter, rows_pad), dtype=E4M3, device=dh.device)
-    ht_scale = torch.empty((n_tiles, inter), dtype=torch.float32, device=dh.device)
-    dgu, dgu_scale = empty_tiles(dh, rows, 2 * inter)
-    dgut = torch.empty((2 * inter, rows_pad), dtype=E4M3, device=dh.device)
-    dgut_scale = torch.empty((n_tiles, 2 * inter), dtype=torch.float32, device=dh.device)
+    h = torch.empty((rows, inter), dtype=dtype, device=dh.device)
+    dgu = torch.empty((rows, 2 * inter), dtype=dtype, device=dh.device)
     if rows:
-        start, end = (dh, dh) if groups is None else (groups.start, groups.end)  # read only when grouped
-        _swiglu_backward_quantize_kernel[(inter // TILE, n_tiles)](
-            cache, cache_scale, dh.contiguous(), ht, ht_scale, dgu, dgu_scale, dgut, dgut_scale, start, end, rows,
-            inter, rows_pad, GROUPED=groups is not None, POW2=power_of_two, DTYPE=TRITON_DTYPES[dtype], TILE_R=TILE,
-            num_warps=FUSED_WARPS)
-    return ht, ht_scale.t(), dgu, dgu_scale, dgut, dgut_scale.t()
+        grid = (triton.cdiv(rows, ELEMENTWISE_ROWS), inter // TILE)
+        _swiglu_backward_kernel[grid](cache, cache_scale, dh.contiguous(), h, dgu, rows, inter, ROWS=ELEMENTWISE_ROWS,
+                                      TILE_K=TILE)
+    return h, dgu
 
 
 @triton.jit

@@ -31,7 +31,7 @@ from . import quant
 from .gemm import gemm
 from .grouped import grouped_gemm, grouped_wgrad
 from .groups import Groups
-from .quant import E4M3, TILE, empty_tiles, padded
+from .quant import E4M3, TILE, padded
 
 
 def _ops(device: torch.device):
@@ -43,6 +43,11 @@ def _ops(device: torch.device):
         from . import kernels
         return kernels
     return quant
+
+
+def _fp8(like: Tensor, rows: int, cols: int) -> tuple[Tensor, Tensor]:
+    """Empty E4M3 (rows, cols) and its 1x128 scales (rows, cols/128): what the fake kernels return."""
+    return like.new_empty((rows, cols), dtype=E4M3), like.new_empty((rows, cols // TILE), dtype=torch.float32)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -106,31 +111,31 @@ class FP8Linear(nn.Linear):
 
 
 @custom_op("dsv3::fp8_experts_forward", mutates_args=())
-def experts_forward(x_q: Tensor, x_s: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, groups: list[Tensor],
-                    out_dtype: torch.dtype, power_of_two: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                         Tensor]:
-    """Expert-sorted rows in 1x128 tiles, x_q (rows, dim padded) with scales x_s -> y (rows, dim) in
-    out_dtype, and the rest of the FP8 cache backward reads: [gate | up] in 1x128 tiles, [W1 | W3]
-    and W2 in 128x128 blocks. `groups` is Groups.tensors()."""
-    ops = _ops(x_q.device)
+def experts_forward(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, groups: list[Tensor], out_dtype: torch.dtype,
+                    power_of_two: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Expert-sorted rows x (rows, dim) -> y (rows, dim) in out_dtype, and the FP8 cache backward
+    reads: x and [gate | up] in 1x128 tiles, [W1 | W3] and W2 in 128x128 blocks. `groups` is
+    Groups.tensors()."""
+    ops = _ops(x.device)
     groups = Groups(*groups)
     dim = w1.shape[1]
+    x_q, x_s = ops.quantize_tiles(x, power_of_two)
     w13_q, w13_s, w13_qt, w13_st = ops.quantize_expert_blocks([w1, w3], power_of_two)  # (E, dim, 2 * inter)
     w2_q, w2_s, w2_qt, w2_st = ops.quantize_expert_blocks([w2], power_of_two)  # (E, inter, dim), padded
     gu = grouped_gemm(x_q, x_s, w13_qt, w13_st, groups, out_dtype)
     h_q, h_s, gu_q, gu_s = ops.swiglu_quantize(gu, power_of_two)
     y = grouped_gemm(h_q, h_s, w2_qt, w2_st, groups, out_dtype, n_out=dim)
-    return y.contiguous(), gu_q, gu_s, w13_q, w13_s, w2_q, w2_s
+    return y.contiguous(), x_q, x_s, gu_q, gu_s, w13_q, w13_s, w2_q, w2_s
 
 
 @experts_forward.register_fake
-def _(x_q, x_s, w1, w3, w2, groups, out_dtype, power_of_two):
-    rows, (n_experts, dim, inter) = x_q.shape[0], (w1.shape[0], w1.shape[1], padded(w1.shape[2]))
+def _(x, w1, w3, w2, groups, out_dtype, power_of_two):
+    (rows, dim), (n_experts, inter) = x.shape, (w1.shape[0], padded(w1.shape[2]))
 
     def blocks(r: int, c: int):
         return (w1.new_empty((n_experts, r, c), dtype=E4M3),
                 w1.new_empty((n_experts, r // TILE, c // TILE), dtype=torch.float32))
-    return (x_q.new_empty((rows, dim), dtype=out_dtype), *empty_tiles(x_q, rows, 2 * inter),
+    return (x.new_empty((rows, dim), dtype=out_dtype), *_fp8(x, rows, padded(dim)), *_fp8(x, rows, 2 * inter),
             *blocks(padded(dim), 2 * inter), *blocks(inter, padded(dim)))
 
 
@@ -144,16 +149,14 @@ def experts_backward(dy: Tensor, x_q: Tensor, x_s: Tensor, gu_q: Tensor, gu_s: T
     ops = _ops(dy.device)
     groups = Groups(*groups)
     dim = dy.shape[1]
-    # each of dy, h and d[gate | up] goes straight into the FP8 tiles its GEMMs read: 1x128 for
-    # Dgrad, 128x1 per expert for Wgrad (h and d[gate | up] are never stored in dy.dtype)
-    dy_q, dy_s, dyt_q, dyt_s = ops.quantize_tiles_and_transposed(dy, power_of_two, groups)
+    dy_q, dy_s = ops.quantize_tiles(dy, power_of_two)
     dh = grouped_gemm(dy_q, dy_s, w2_q, w2_s, groups, dy.dtype)
-    ht_q, ht_s, dgu_q, dgu_s, dgut_q, dgut_s = ops.swiglu_backward_quantize(gu_q, gu_s, dh, dy.dtype, power_of_two,
-                                                                            groups)
+    h, dgu = ops.swiglu_backward(gu_q, gu_s, dh, dy.dtype)
+    dgu_q, dgu_s = ops.quantize_tiles(dgu, power_of_two)
     dx = grouped_gemm(dgu_q, dgu_s, w13_q, w13_s, groups, x_dtype, n_out=dim)
-    dw2, = grouped_wgrad(ht_q, ht_s, dyt_q, dyt_s, groups, inter, (dim,))
-    xt_q, xt_s = ops.quantize_tiles_transposed(x_q, power_of_two, groups, x_scale=x_s)
-    dw1, dw3 = grouped_wgrad(xt_q, xt_s, dgut_q, dgut_s, groups, dim, (inter, inter))
+    dw2, = grouped_wgrad(*ops.quantize_wgrad_operands(h, dy, power_of_two, groups), groups, inter, (dim,))
+    dw1, dw3 = grouped_wgrad(*ops.quantize_wgrad_operands(x_q, dgu, power_of_two, groups, a_scale=x_s), groups, dim,
+                             (inter, inter))
     return dx.contiguous(), dw1.contiguous(), dw3.contiguous(), dw2.contiguous()
 
 
@@ -171,11 +174,8 @@ class FP8ExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, counts, w1, w3, w2, out_dtype: torch.dtype, power_of_two: bool):
         groups = Groups.of(counts, x.shape[0]).tensors()
-        # quantised outside the operator: in a compiled graph Inductor fuses this with the gather
-        # that sorts the rows by expert, so the sorted rows are never written in BF16
-        x_q, x_s = _ops(x.device).quantize_tiles(x, power_of_two)
-        y, *cache = experts_forward(x_q, x_s, w1, w3, w2, groups, out_dtype, power_of_two)
-        ctx.save_for_backward(x_q, x_s, *cache, *groups)
+        y, *saved = experts_forward(x, w1, w3, w2, groups, out_dtype, power_of_two)
+        ctx.save_for_backward(*saved, *groups)
         ctx.meta = (w1.shape[2], x.dtype, power_of_two)
         return y
 

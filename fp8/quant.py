@@ -23,11 +23,6 @@ def padded(n: int) -> int:
     return math.ceil(n / TILE) * TILE
 
 
-def empty_tiles(like: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty E4M3 (rows, cols) on like's device and its 1x128 scales (rows, cols/128)."""
-    return (like.new_empty((rows, cols), dtype=E4M3), like.new_empty((rows, cols // TILE), dtype=torch.float32))
-
-
 def scale_of(amax: torch.Tensor, power_of_two: bool) -> torch.Tensor:
     scale = amax.float().clamp_min(MIN_AMAX) / E4M3_MAX
     return torch.exp2(torch.ceil(torch.log2(scale))) if power_of_two else scale
@@ -103,12 +98,6 @@ def quantize_wgrad_operands(a: torch.Tensor, b: torch.Tensor, power_of_two: bool
             *quantize_tiles_transposed(b, power_of_two, groups, b_scale))
 
 
-def quantize_tiles_and_transposed(x: torch.Tensor, power_of_two: bool = False, groups=None):
-    """quantize_tiles and quantize_tiles_transposed of the same x: an output gradient's operands for
-    Dgrad (its 1x128 tiles) and for Wgrad (its 128x1 tiles, per expert with `groups`)."""
-    return (*quantize_tiles(x, power_of_two), *quantize_tiles_transposed(x, power_of_two, groups))
-
-
 def swiglu_quantize(gu: torch.Tensor, power_of_two: bool = False):
     """gu = [gate | up] (rows, 2 * inter), inter a multiple of 128 -> h = silu(gate) * up in 1x128
     tiles (the down projection's input), and gate and up in 1x128 tiles (the FP8 cache that
@@ -126,12 +115,3 @@ def swiglu_backward(cache: torch.Tensor, cache_scale: torch.Tensor, dh: torch.Te
     silu = gate * sig
     dgu = torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * silu], dim=1)
     return (silu * up).to(dtype), dgu.to(dtype)
-
-
-def swiglu_backward_quantize(cache: torch.Tensor, cache_scale: torch.Tensor, dh: torch.Tensor, dtype: torch.dtype,
-                             power_of_two: bool = False, groups=None):
-    """swiglu_backward, then what the experts' backward GEMMs take of its results: h in 128x1 tiles
-    (W2's gradient), d[gate | up] in 1x128 tiles (the input's gradient) and in 128x1 tiles ([W1 | W3]'s
-    gradient), per expert with `groups`. h and d[gate | up] are rounded to dtype first."""
-    h, dgu = swiglu_backward(cache, cache_scale, dh, dtype)
-    return (*quantize_tiles_transposed(h, power_of_two, groups), *quantize_tiles_and_transposed(dgu, power_of_two, groups))
