@@ -14,8 +14,13 @@ balanced but not multiples of 128, and Zipf-skewed (some experts get none).
 
     python benchmarks/grouped_fp8.py [--iters 20] [--sweep] [--before DIR]
 
---sweep also times tile/pipelining variants of the FP8 kernels, and the columns per program of the
-transposing quantisation, on a few shapes; --before DIR times another checkout's fp8 kernels
+Then the experts' whole backward quantisation (dy, the SwiGLU backward and its d[gate | up], the
+128x1 tiles of h, dy, x and d[gate | up]; ragged counts) and an FP8 Linear's weight-gradient
+quantisation at `small`'s projections, each with the bytes it moves and its bandwidth.
+
+--sweep also times tile/pipelining variants of the FP8 kernels on a few shapes, and the programs of
+the quantisation kernels (columns and warps of the transposing one, rows and warps of the 1x128
+one) on the backward quantisation's shapes; --before DIR times another checkout's fp8 kernels
 (DIR/fp8/kernels.py) on the same operands, its quantisation too where it has the same functions:
 the before/after table.
 Times are medians of CUDA-event timings after warm-up.
@@ -52,6 +57,23 @@ PROJECTIONS = {  # name: (experts, rows, K, N)
 }
 SMOKE_PROJECTIONS = {"smoke up": (4, 300, 256, 256)}
 SWEEP_ON = ("v3 up, 8 experts", "v2-lite up", "v2-lite down")
+EXPERTS = {  # the experts' whole backward quantisation: (experts, rows, dim, inter)
+    "v3, 8 experts": (8, 32768, 7168, 2048),
+    "v2-lite": (64, 98304, 2048, 1408),
+    "small": (64, 98304, 1024, 384),
+}
+SMOKE_EXPERTS = {"smoke": (4, 300, 256, 128)}
+LINEARS = {  # an FP8 Linear's weight-gradient quantisation: (tokens, out, in) of `small`'s projections, 4 x 4096
+    "small wq_a": (16384, 384, 1024),
+    "small wq_b": (16384, 3072, 384),
+    "small wkv_b": (16384, 4096, 256),
+    "small wo": (16384, 1024, 2048),
+}
+SMOKE_LINEARS = {"smoke linear": (300, 200, 160)}
+TRANSPOSED_VARIANTS = ({"cols": 32, "warps": 4}, {"cols": 32, "warps": 2}, {"cols": 64, "warps": 4},
+                       {"cols": 64, "warps": 8}, {"cols": 128, "warps": 4}, {"cols": 128, "warps": 8})
+TILES_VARIANTS = ({"rows_per_program": 16, "warps": 4}, {"rows_per_program": 32, "warps": 4},
+                  {"rows_per_program": 64, "warps": 4}, {"rows_per_program": 64, "warps": 8})
 
 
 def row_counts(rows: int, experts: int, layout: str, generator: torch.Generator) -> torch.Tensor:
@@ -185,11 +207,85 @@ def case(name, shape, layout, device, iters, before, sweep, generator):
                     failure = None
                 print(json.dumps({"sweep": name, "counts": layout, "gemm": gemm, **dataclasses.asdict(config),
                                   "fp8_tflops": tflops(flop, t), "failure": failure}), flush=True)
-        for cols in (32, 64, 128)[:1 if device.type == "cpu" else 3]:  # the transposing quantisation's programs
-            def transposed():
-                kernels.quantize_wgrad_operands(o["x_q"], dy, False, groups, a_scale=o["x_s"], cols=cols)
-            print(json.dumps({"sweep": name, "counts": layout, "gemm": "wgrad quantisation", "transposed_cols": cols,
-                              "ms": round(seconds(transposed, iters, cuda) * 1e3, 3)}), flush=True)
+
+
+def experts_backward_quantisation(ops, o, groups, transposed=None, tiles=None):
+    """Every quantisation of the experts' backward as its operator runs them (fp8/linear.py): dy's
+    and d[gate | up]'s 1x128 tiles, the SwiGLU backward, and the weight gradients' 128x1 tiles of h
+    and dy, and of x (from its FP8 copy) and d[gate | up]. `transposed` and `tiles` are keyword
+    arguments for the two quantisation kernels (the sweep's variants)."""
+    transposed, tiles = transposed or {}, tiles or {}
+    ops.quantize_tiles(o["dy"], False, **tiles)
+    h, dgu = ops.swiglu_backward(o["gu_q"], o["gu_s"], o["dh"], o["dy"].dtype)
+    ops.quantize_tiles(dgu, False, **tiles)
+    ops.quantize_wgrad_operands(h, o["dy"], False, groups, **transposed)
+    ops.quantize_wgrad_operands(o["x_q"], dgu, False, groups, a_scale=o["x_s"], **transposed)
+
+
+def experts_case(name, shape, device, iters, before, sweep, generator):
+    """The experts' backward quantisation (ragged counts) now and, with --before, in the other
+    checkout; with the bytes it moves (scales not counted) and its bandwidth."""
+    n_experts, rows, dim, inter = shape
+    cuda = device.type == "cuda"
+    groups = Groups.of(row_counts(rows, n_experts, "ragged", generator).to(device), rows)
+    x_q, x_s = _ops(device).quantize_tiles(torch.randn(rows, dim, generator=generator).to(device))
+    gu_q, gu_s = _ops(device).quantize_tiles(torch.randn(rows, 2 * inter, generator=generator).to(device))
+    o = dict(x_q=x_q, x_s=x_s, gu_q=gu_q, gu_s=gu_s,
+             dy=torch.randn(rows, dim, generator=generator).to(device, torch.bfloat16),
+             dh=torch.randn(rows, inter, generator=generator).to(device, torch.bfloat16))
+    rows_pad = 128 * groups.n_tiles
+    read = (rows * dim * 2 + rows * 2 * inter * 2  # dy, d[gate | up] for their 1x128 tiles
+            + rows * 2 * inter + rows * inter * 2  # the SwiGLU backward: the FP8 cache and dh
+            + rows * inter * 2 + rows * dim * 2 + rows * dim + rows * 2 * inter * 2)  # h, dy, x_q, d[gate | up]
+    written = (rows * dim + rows * 2 * inter  # dy's and d[gate | up]'s 1x128 tiles
+               + rows * inter * 2 + rows * 2 * inter * 2  # h and d[gate | up] in BF16
+               + rows_pad * (inter + dim + dim + 2 * inter))  # the four 128x1 tilings
+    t = seconds(lambda: experts_backward_quantisation(_ops(device), o, groups), iters, cuda)
+    row = {"experts_backward_quantisation": name, "experts": n_experts, "rows": rows, "dim": dim, "inter": inter,
+           "ms": round(t * 1e3, 3), "gb": round((read + written) / 1e9, 6),
+           "tb_per_s": round((read + written) / t / 1e12, 2)}
+    if before is not None:
+        row["before_ms"] = round(seconds(lambda: experts_backward_quantisation(before, o, groups), iters, cuda) * 1e3,
+                                 3)
+    print(json.dumps(row), flush=True)
+    if sweep:
+        from dsv3.fp8 import kernels
+        cpu = device.type == "cpu"
+        for variant in TRANSPOSED_VARIANTS[:1 if cpu else None]:
+            t = seconds(lambda: kernels.quantize_wgrad_operands(o["x_q"], o["dy"], False, groups, a_scale=o["x_s"],
+                                                                **variant), iters, cuda)
+            moved = rows * dim * 3 + rows_pad * dim * 2
+            print(json.dumps({"sweep": name, "kernel": "quantize_wgrad_operands(x_q, dy)", **variant,
+                              "ms": round(t * 1e3, 3), "tb_per_s": round(moved / t / 1e12, 2)}), flush=True)
+        for variant in TILES_VARIANTS[:1 if cpu else None]:
+            t = seconds(lambda: kernels.quantize_tiles(o["dy"], False, **variant), iters, cuda)
+            print(json.dumps({"sweep": name, "kernel": "quantize_tiles(dy)", **variant, "ms": round(t * 1e3, 3),
+                              "tb_per_s": round(rows * dim * 3 / t / 1e12, 2)}), flush=True)
+
+
+def linear_case(name, shape, device, iters, before, sweep, generator):
+    """An FP8 Linear's weight-gradient quantisation: the output gradient's and the cached FP8 input's
+    128x1 tiles, now and, with --before, in the other checkout."""
+    tokens, n, k = shape
+    cuda = device.type == "cuda"
+    grad = torch.randn(tokens, n, generator=generator).to(device, torch.bfloat16)
+    x_q, x_s = _ops(device).quantize_tiles(torch.randn(tokens, k, generator=generator).to(device))
+    moved = tokens * (2 * n + k) + 128 * -(-tokens // 128) * (n + k)
+
+    def quantise(ops, **variant):
+        return lambda: ops.quantize_wgrad_operands(grad, x_q, False, b_scale=x_s, **variant)
+    t = seconds(quantise(_ops(device)), iters, cuda)
+    row = {"linear_wgrad_quantisation": name, "tokens": tokens, "n": n, "k": k, "ms": round(t * 1e3, 3),
+           "gb": round(moved / 1e9, 6), "tb_per_s": round(moved / t / 1e12, 2)}
+    if before is not None:
+        row["before_ms"] = round(seconds(quantise(before), iters, cuda) * 1e3, 3)
+    print(json.dumps(row), flush=True)
+    if sweep:
+        from dsv3.fp8 import kernels
+        for variant in TRANSPOSED_VARIANTS[:1 if device.type == "cpu" else None]:
+            t = seconds(quantise(kernels, **variant), iters, cuda)
+            print(json.dumps({"sweep": name, "kernel": "quantize_wgrad_operands(grad, x_q)", **variant,
+                              "ms": round(t * 1e3, 3), "tb_per_s": round(moved / t / 1e12, 2)}), flush=True)
 
 
 def sweep_configs(kernels):
@@ -210,8 +306,14 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     projections = SMOKE_PROJECTIONS if args.smoke else PROJECTIONS
+    experts, linears = (SMOKE_EXPERTS, SMOKE_LINEARS) if args.smoke else (EXPERTS, LINEARS)
     if args.cases:
-        projections = {name: projections[name] for name in args.cases.split(",")}
+        names = args.cases.split(",")
+        unknown = set(names) - set(projections) - set(experts) - set(linears)
+        if unknown:
+            parser.error(f"--cases: no case named {', '.join(sorted(unknown))}")
+        projections, experts, linears = ({n: s for n, s in cases.items() if n in names}
+                                         for cases in (projections, experts, linears))
     before = None
     if args.before:
         sys.path.insert(0, args.before)
@@ -224,6 +326,10 @@ def main() -> None:
         for layout in layouts:
             case(name, shape, layout, device, 1 if args.smoke else args.iters, before,
                  args.sweep and (args.smoke or name in SWEEP_ON) and layout == "zipf", generator)
+    for name, shape in experts.items():
+        experts_case(name, shape, device, 1 if args.smoke else args.iters, before, args.sweep, generator)
+    for name, shape in linears.items():
+        linear_case(name, shape, device, 1 if args.smoke else args.iters, before, args.sweep, generator)
 
 
 if __name__ == "__main__":

@@ -60,8 +60,8 @@ def _transpose_tile(x_ptr, x_scale_ptr, q_ptr, s_ptr, start, end, tile, col_bloc
     c = col_block * COLS + tl.arange(0, COLS)
     mask = (r[:, None] < end) & (c[None, :] < k)
     x = tl.load(x_ptr + r[:, None] * k + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    if DEQUANTIZE:
-        x *= tl.load(x_scale_ptr + r[:, None] * (k // TILE_R) + c[None, :] // TILE_R, mask=mask, other=0.0)
+    if DEQUANTIZE:  # COLS divides 128: the block's columns share one scale per row
+        x *= tl.load(x_scale_ptr + r * (k // TILE_R) + (col_block * COLS) // TILE_R, mask=r < end, other=0.0)[:, None]
     scale = _scale(tl.max(tl.abs(x), axis=0), POW2)  # (COLS,)
     q = tl.math.div_rn(x, scale[None, :]).to(q_ptr.dtype.element_ty)
     out = tile * TILE_R + tl.arange(0, TILE_R)
@@ -116,8 +116,9 @@ def _expert_blocks_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, rows, cols, rows_
     tl.store(st_ptr + (e * col_blocks + col_block) * row_blocks + row_block, scale)
 
 
-ELEMENTWISE_ROWS = 16  # rows per program of the tile-wise kernels
-TRANSPOSED_COLS = 32  # columns per program of the transposing one
+ELEMENTWISE_ROWS = 16  # rows per program of the SwiGLU kernels
+TILES_ROWS, TILES_WARPS = 16, 4  # rows and warps per program of the 1x128 quantisation
+TRANSPOSED_COLS, TRANSPOSED_WARPS = 32, 4  # columns (a power of two, at most 128) and warps of the transposing one
 
 
 def quantize_expert_blocks(weights: list[torch.Tensor], power_of_two: bool = False):
@@ -152,43 +153,46 @@ def quantize_weight(w: torch.Tensor, power_of_two: bool = False):
     return q, s, q_t, s_t
 
 
-def quantize_tiles(x: torch.Tensor, power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_tiles(x: torch.Tensor, power_of_two: bool = False, rows_per_program: int = TILES_ROWS,
+                   warps: int = TILES_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
     shape, k = x.shape, x.shape[-1]
     flat = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()  # no operator call for a 2-d x
     rows, k_pad = flat.shape[0], padded(k)
     q = torch.empty((rows, k_pad), dtype=E4M3, device=x.device)
     s = torch.empty((rows, k_pad // TILE), dtype=torch.float32, device=x.device)
     if rows:
-        _tiles_kernel[(triton.cdiv(rows, ELEMENTWISE_ROWS), k_pad // TILE)](flat, q, s, rows, k, k_pad,
-                                                                           POW2=power_of_two, ROWS=ELEMENTWISE_ROWS,
-                                                                           TILE_K=TILE)
+        _tiles_kernel[(triton.cdiv(rows, rows_per_program), k_pad // TILE)](flat, q, s, rows, k, k_pad,
+                                                                           POW2=power_of_two, ROWS=rows_per_program,
+                                                                           TILE_K=TILE, num_warps=warps)
     if x.dim() == 2:
         return q, s
     return q.view(*shape[:-1], k_pad), s.view(*shape[:-1], k_pad // TILE)
 
 
 def quantize_tiles_transposed(x: torch.Tensor, power_of_two: bool = False, groups: Groups | None = None,
-                              x_scale: torch.Tensor | None = None,
-                              cols: int = TRANSPOSED_COLS) -> tuple[torch.Tensor, torch.Tensor]:
+                              x_scale: torch.Tensor | None = None, cols: int = TRANSPOSED_COLS,
+                              warps: int = TRANSPOSED_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
     """x (rows, k) -> the 1x128-tile quantisation of x^T: q (k, P), scales (k, P/128), with the
     rows cut into tiles per expert when `groups` is given (P = 128 * groups.n_tiles) and in one
     run otherwise (P = rows padded). With `x_scale`, x is E4M3 with those 1x128 scales (k is then
-    its padded width; the FP8 activation cache) and is dequantised first. Each program reads
-    128 rows x `cols` columns."""
-    return _transposed([(x, x_scale)], power_of_two, groups, cols)
+    its padded width; the FP8 activation cache) and is dequantised first. Each program (`warps`
+    warps) reads 128 rows x `cols` columns."""
+    return _transposed([(x, x_scale)], power_of_two, groups, cols, warps)
 
 
 def quantize_wgrad_operands(a: torch.Tensor, b: torch.Tensor, power_of_two: bool = False,
                             groups: Groups | None = None, a_scale: torch.Tensor | None = None,
-                            b_scale: torch.Tensor | None = None, cols: int = TRANSPOSED_COLS):
+                            b_scale: torch.Tensor | None = None, cols: int = TRANSPOSED_COLS,
+                            warps: int = TRANSPOSED_WARPS):
     """quantize_tiles_transposed of a and of b (same rows), the two operands of a weight gradient,
     in one launch: (a^T q, a^T scales, b^T q, b^T scales)."""
-    return _transposed([(a, a_scale), (b, b_scale)], power_of_two, groups, cols)
+    return _transposed([(a, a_scale), (b, b_scale)], power_of_two, groups, cols, warps)
 
 
 def _transposed(operands: list[tuple[torch.Tensor, torch.Tensor | None]], power_of_two: bool, groups: Groups | None,
-                cols: int) -> tuple[torch.Tensor, ...]:
+                cols: int, warps: int) -> tuple[torch.Tensor, ...]:
     """One launch for one or two (x, x_scale) operands of the same rows."""
+    assert cols <= TILE and TILE % cols == 0, "a program's columns lie within one 128-wide scale tile"
     operands = [(x.contiguous(), x_scale) for x, x_scale in operands]
     rows = operands[0][0].shape[0]
     assert all(x.shape[0] == rows for x, _ in operands), "the operands of one launch share their rows"
@@ -206,7 +210,7 @@ def _transposed(operands: list[tuple[torch.Tensor, torch.Tensor | None]], power_
             a, a if a_scale is None else a_scale, qa, sa, b, b if b_scale is None else b_scale, qb, sb, start, end,
             rows, a.shape[1], b.shape[1], a_blocks, rows_pad, GROUPED=groups is not None,
             DEQUANTIZE_A=a_scale is not None, DEQUANTIZE_B=b_scale is not None, POW2=power_of_two, TILE_R=TILE,
-            COLS=cols)
+            COLS=cols, num_warps=warps)
     # scales (k, tiles) with the tiles outermost: the layout cuBLASLt and the Wgrad kernel read
     return tuple(t for q, s in outputs for t in (q, s.t()))
 

@@ -56,8 +56,9 @@ def test_fp8_gemm_smoke(tmp_path):
 
 def test_grouped_fp8_smoke(tmp_path):
     """Every GEMM of every counts layout has an FP8 time and a quantisation time, also for the
-    kernels of another checkout (this one), and the sweep's first two variants' Triton kernels and
-    one transposing quantisation run in the interpreter and each has a figure."""
+    kernels of another checkout (this one); the experts' backward quantisation and a Linear's
+    weight-gradient quantisation have times and byte counts, before too; and the sweep's first two
+    GEMM variants and one variant of each quantisation kernel run in the interpreter with a figure."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     lines = json_lines(run("grouped_fp8.py", "--smoke", "--sweep", "--before", str(BENCHMARKS.parent), cwd=tmp_path,
@@ -70,10 +71,16 @@ def test_grouped_fp8_smoke(tmp_path):
         # here "before" is this checkout's Triton kernels in the interpreter and "now" the exact emulation: equal
         # within the GPU test's bound for tensor cores against the emulation (test_gpu.py, 2e-2)
         assert r["before_tflops"] > 0 and r["before_quant_ms"] > 0 and r["new_vs_before_max_rel"] < 2e-2, r
+    for key in ("experts_backward_quantisation", "linear_wgrad_quantisation"):
+        row, = [line for line in lines if key in line]
+        assert row["ms"] > 0 and row["before_ms"] > 0 and row["gb"] > 0, row
     sweep = [line for line in lines if "sweep" in line]
-    gemms = [s for s in sweep if s["gemm"] != "wgrad quantisation"]
+    gemms = [s for s in sweep if "gemm" in s]
     assert len(gemms) == 3 * 2 and all(s["fp8_tflops"] > 0 for s in gemms), sweep
-    assert [s["transposed_cols"] for s in sweep if s["gemm"] == "wgrad quantisation"] == [32], sweep
+    kernels = [(s["sweep"], s["kernel"]) for s in sweep if "kernel" in s]
+    assert kernels == [("smoke", "quantize_wgrad_operands(x_q, dy)"), ("smoke", "quantize_tiles(dy)"),
+                       ("smoke linear", "quantize_wgrad_operands(grad, x_q)")], kernels
+    assert all(s["ms"] > 0 for s in sweep if "kernel" in s), sweep
 
 
 def test_grad_fidelity_smoke(tmp_path):

@@ -356,6 +356,9 @@ TRITON_CHECK = textwrap.dedent("""
                   quant.quantize_tiles_transposed(x_q, p2, x_scale=x_s)),
                  (kernels.quantize_wgrad_operands(x, x_q, p2, b_scale=x_s),  # two widths, one launch
                   quant.quantize_wgrad_operands(x, x_q, p2, b_scale=x_s)),
+                 (kernels.quantize_tiles_transposed(x_q, p2, x_scale=x_s, cols=128),  # one scale per program row
+                  quant.quantize_tiles_transposed(x_q, p2, x_scale=x_s)),
+                 (kernels.quantize_tiles(x, p2, 64), quant.quantize_tiles(x, p2)),
                  (kernels.quantize_weight(w, p2), quant.quantize_weight(w, p2))]
         for got, want in pairs:  # (q, s) pairs; the weight's: W's and W^T's
             for q, s, q_ref, s_ref in zip(got[::2], got[1::2], want[::2], want[1::2]):
