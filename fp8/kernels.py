@@ -335,42 +335,40 @@ def _grouped_gemm_kernel(a_desc, a_scale_ptr, b_desc, b_scale_ptr, c_ptr, expert
 
 
 @triton.jit
-def _grouped_wgrad_kernel(a_desc, a_scale_ptr, b_desc, b_scale_ptr, c1_ptr, c2_ptr, first_tile_ptr, n, n_out, k,
-                          split, k1_out, k2_out, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_T: tl.constexpr):
-    """(BLOCK_N, BLOCK_K) of expert e's a_e^T @ b_e, summing over the expert's own token tiles.
-    Columns [0, split) of the product go to c1 (E, n_out, k1_out), the rest to c2 (E, n_out, k2_out):
-    the gradients of two weights computed as one ([W1 | W3]) land in their own tensors.
+def _grouped_wgrad_kernel(a_desc, a_scale_ptr, b_desc, b_scale_ptr, c1_desc, c2_desc, first_tile_ptr, n_experts, n,
+                          k, split, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_T: tl.constexpr):
+    """(BLOCK_N, BLOCK_K) blocks of each expert e's a_e^T @ b_e, summing over the expert's own token
+    tiles; a program computes the blocks pid, pid + programs, ... (one when the grid has one program
+    per block). Columns [0, split) of the product go to c1 (E, n_out, k1_out), the rest to c2: the
+    gradients of two weights computed as one ([W1 | W3]) land in their own tensors, stored through
+    TMA, which clips at their edges and lets the store drain while the program starts its next block.
     Scales are token-tile-major (tile, channel), as quantize_tiles_transposed writes them."""
     n_blocks = tl.cdiv(n, BLOCK_N)
     k_blocks = tl.cdiv(k, BLOCK_K)
-    pid = tl.program_id(0)
-    expert = pid // (n_blocks * k_blocks)
-    block = pid % (n_blocks * k_blocks)
-    n0 = (block // k_blocks) * BLOCK_N
-    k0 = (block % k_blocks) * BLOCK_K
-    rn = n0 + tl.arange(0, BLOCK_N)
-    rk = k0 + tl.arange(0, BLOCK_K)
-    first = tl.load(first_tile_ptr + expert)
-    last = tl.load(first_tile_ptr + expert + 1)
-    a_scale_ptrs = a_scale_ptr + first.to(tl.int64) * n + rn
-    b_scale_ptrs = b_scale_ptr + first.to(tl.int64) * k + rk
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for t in range(first, last):
-        a = a_desc.load([n0, t * TILE_T])
-        b = b_desc.load([k0, t * TILE_T])
-        a_scale = tl.load(a_scale_ptrs, mask=rn < n, other=0.0)
-        b_scale = tl.load(b_scale_ptrs, mask=rk < k, other=0.0)
-        acc += tl.dot(a, b.T) * a_scale[:, None] * b_scale[None, :]
-        a_scale_ptrs += n
-        b_scale_ptrs += k
-    expert = expert.to(tl.int64)
-    if k0 < split:
-        out = c1_ptr + expert * n_out * k1_out + rn[:, None] * k1_out + rk[None, :]
-        tl.store(out, acc, mask=(rn[:, None] < n_out) & (rk[None, :] < k1_out))
-    else:
-        rk2 = rk - split
-        out = c2_ptr + expert * n_out * k2_out + rn[:, None] * k2_out + rk2[None, :]
-        tl.store(out, acc, mask=(rn[:, None] < n_out) & (rk2[None, :] < k2_out))
+    for work in tl.range(tl.program_id(0), n_experts * n_blocks * k_blocks, tl.num_programs(0)):
+        expert = work // (n_blocks * k_blocks)
+        block = work % (n_blocks * k_blocks)
+        n0 = (block // k_blocks) * BLOCK_N
+        k0 = (block % k_blocks) * BLOCK_K
+        rn = n0 + tl.arange(0, BLOCK_N)
+        rk = k0 + tl.arange(0, BLOCK_K)
+        first = tl.load(first_tile_ptr + expert)
+        last = tl.load(first_tile_ptr + expert + 1)
+        a_scale_ptrs = a_scale_ptr + first.to(tl.int64) * n + rn
+        b_scale_ptrs = b_scale_ptr + first.to(tl.int64) * k + rk
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for t in range(first, last):
+            a = a_desc.load([n0, t * TILE_T])
+            b = b_desc.load([k0, t * TILE_T])
+            a_scale = tl.load(a_scale_ptrs, mask=rn < n, other=0.0)
+            b_scale = tl.load(b_scale_ptrs, mask=rk < k, other=0.0)
+            acc += tl.dot(a, b.T) * a_scale[:, None] * b_scale[None, :]
+            a_scale_ptrs += n
+            b_scale_ptrs += k
+        if k0 < split:
+            c1_desc.store([expert, n0, k0], acc[None, :, :])
+        else:
+            c2_desc.store([expert, n0, k0 - split], acc[None, :, :])
 
 
 @dataclass(frozen=True)
@@ -381,6 +379,7 @@ class GemmConfig:
     warps: int = 8
     stages: int = 4
     group_tiles: int = 8
+    wgrad_programs_per_sm: int = 0  # Wgrad: 0, one program per output block; else a persistent grid
 
 
 GEMM = GemmConfig()
@@ -410,17 +409,23 @@ def launch_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, groups: Groups, n_out: 
                          widths: tuple[int, ...], config: GemmConfig = GEMM) -> list[torch.Tensor]:
     """Per expert, a_e^T @ b_e in FP32, cut along its columns into len(widths) (one or two) tensors
     (E, n_out, width): b_t's rows hold the widths one after the other, each padded to 128."""
-    n, width = a_t.shape
-    k = b_t.shape[0]
+    n, k = a_t.shape[0], b_t.shape[0]
     n_experts = groups.counts.numel()
-    outs = [torch.empty((n_experts, n_out, w), dtype=torch.float32, device=a_t.device) for w in widths]
+    # TMA stores rows whose byte stride is a multiple of 16: widths padded to 4 floats (cut off below)
+    outs = [torch.empty((n_experts, n_out, -(-w // 4) * 4), dtype=torch.float32, device=a_t.device) for w in widths]
     split = padded(widths[0]) if len(widths) == 2 else k
     a_desc = TensorDescriptor.from_tensor(a_t, [TILE, TILE])
     b_desc = TensorDescriptor.from_tensor(b_t, [TILE, TILE])
+    c_descs = [TensorDescriptor.from_tensor(out, [1, TILE, TILE]) for out in outs]
     # the kernel reads scales token-tile-major: (tile, channel) contiguous, i.e. these (channel, tile) views
     a_t_scale, b_t_scale = a_t_scale.t().contiguous(), b_t_scale.t().contiguous()
-    grid = (n_experts * triton.cdiv(n, TILE) * triton.cdiv(k, TILE),)
-    _grouped_wgrad_kernel[grid](a_desc, a_t_scale, b_desc, b_t_scale, outs[0], outs[-1], groups.first_tile, n, n_out,
-                                k, split, widths[0], widths[-1], BLOCK_N=TILE, BLOCK_K=TILE, TILE_T=TILE,
-                                num_warps=config.warps, num_stages=config.stages)
+    blocks = n_experts * triton.cdiv(n, TILE) * triton.cdiv(k, TILE)
+    programs = blocks
+    if config.wgrad_programs_per_sm:
+        sms = torch.cuda.get_device_properties(a_t.device).multi_processor_count if a_t.is_cuda else 4
+        programs = min(blocks, sms * config.wgrad_programs_per_sm)
+    _grouped_wgrad_kernel[(programs,)](a_desc, a_t_scale, b_desc, b_t_scale, c_descs[0], c_descs[-1], groups.first_tile,
+                                       n_experts, n, k, split, BLOCK_N=TILE, BLOCK_K=TILE, TILE_T=TILE,
+                                       num_warps=config.warps, num_stages=config.stages)
+    outs = [out if out.shape[2] == w else out[:, :, :w] for out, w in zip(outs, widths)]
     return outs

@@ -330,6 +330,7 @@ def test_convert_can_leave_the_routed_experts():
 
 
 TRITON_CHECK = textwrap.dedent("""
+    import itertools
     import torch
     from dsv3.fp8 import kernels, quant
 
@@ -403,9 +404,12 @@ TRITON_CHECK = textwrap.dedent("""
     full = grouped.emulate_grouped_wgrad(a_t, a_s, b_t, b_s, groups)
     args = (room(a_t, 0), room(a_s.repeat_interleave(128, 1), 1)[:, ::128],
             room(b_t, 0), room(b_s.repeat_interleave(128, 1), 1)[:, ::128], groups)
-    for n_out, widths, starts in ((384, (256,), (0,)), (300, (100, 120), (0, 128))):
-        outs = kernels.launch_grouped_wgrad(*args, n_out, widths)
+    # one program per output block, and a persistent grid (4 programs off the GPU) looping over them
+    for (n_out, widths, starts), config in itertools.product(((384, (256,), (0,)), (300, (99, 120), (0, 128))),
+                                                             (kernels.GEMM, kernels.GemmConfig(wgrad_programs_per_sm=1))):
+        outs = kernels.launch_grouped_wgrad(*args, n_out, widths, config)
         for out, width, start in zip(outs, widths, starts):
+            assert out.shape == (5, n_out, width)
             reference = full[:, :n_out, start:start + width]
             torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
             assert out[1].abs().max() == 0 and out[4].abs().max() == 0

@@ -216,6 +216,27 @@ def test_fp8_grouped_experts_on_gpu_equal_the_cpu_emulation():
     assert results[1][2][0].abs().sum() == 0 and results[1][2][5].abs().sum() == 0  # experts without rows
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a GPU with FP8 tensor cores (compute capability 8.9 or newer)")
+def test_fp8_wgrad_grids_agree_bit_for_bit():
+    """The grouped Wgrad kernel with one program per output block and with a persistent grid sums the
+    same products in the same order: equal results, with an expert without rows and widths cut."""
+    from dsv3.fp8 import kernels, quant
+    from dsv3.fp8.groups import Groups
+
+    counts = torch.tensor([0, 300, 5, 128, 77]).cuda()
+    groups = Groups.of(counts, 510)
+    a_t, a_s = quant.quantize_tiles_transposed(_fp8_data(510, 384, seed=12), False, Groups.of(counts.cpu(), 510))
+    b_t, b_s = quant.quantize_tiles_transposed(_fp8_data(510, 512, seed=13), False, Groups.of(counts.cpu(), 510))
+    a_t, a_s, b_t, b_s = (t.cuda() for t in (a_t, a_s, b_t, b_s))
+    for programs_per_sm in (1, 2):
+        config = kernels.GemmConfig(wgrad_programs_per_sm=programs_per_sm)
+        for got, want in zip(kernels.launch_grouped_wgrad(a_t, a_s, b_t, b_s, groups, 300, (250, 256), config),
+                             kernels.launch_grouped_wgrad(a_t, a_s, b_t, b_s, groups, 300, (250, 256))):
+            assert got.shape == want.shape and torch.equal(got, want)
+            assert got[0].abs().max() == 0
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_compiled_blocks_train_like_eager_blocks(tmp_path, precision):
     """Three steps of the tiny recipe with every block compiled: the losses of eager blocks, within
