@@ -341,8 +341,7 @@ def _grouped_wgrad_kernel(a_desc, a_scale_ptr, b_desc, b_scale_ptr, c1_desc, c2_
     tiles; a program computes the blocks pid, pid + programs, ... (one when the grid has one program
     per block). Columns [0, split) of the product go to c1 (E, n_out, k1_out), the rest to c2: the
     gradients of two weights computed as one ([W1 | W3]) land in their own tensors, stored through
-    TMA, which clips at their edges and lets the store drain while the program starts its next block.
-    Scales are token-tile-major (tile, channel), as quantize_tiles_transposed writes them."""
+    TMA, which clips the blocks at the tensors' edges. Scales are token-tile-major (tile, channel), as quantize_tiles_transposed writes them."""
     n_blocks = tl.cdiv(n, BLOCK_N)
     k_blocks = tl.cdiv(k, BLOCK_K)
     for work in tl.range(tl.program_id(0), n_experts * n_blocks * k_blocks, tl.num_programs(0)):

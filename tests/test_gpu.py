@@ -13,6 +13,9 @@ needs_hopper = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
     reason="needs an NVIDIA GPU of compute capability 9.0 or newer (Hopper): cuBLASLt has blockwise FP8 GEMMs "
            "only there")
+needs_fp8_tensor_cores = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs a GPU with FP8 tensor cores (compute capability 8.9 or newer): the grouped FP8 kernels run there")
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -189,8 +192,7 @@ def test_compiled_fp8_linear_equals_the_eager_one():
                           test_utils=("test_autograd_registration", "test_faketensor"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-                    reason="needs a GPU with FP8 tensor cores (compute capability 8.9 or newer)")
+@needs_fp8_tensor_cores
 def test_fp8_grouped_experts_on_gpu_equal_the_cpu_emulation():
     """Triton grouped GEMMs (Fprop, Dgrad, Wgrad) and SwiGLU kernels against the emulation,
     with an expert that gets no rows, one with several tiles and one with a partial tile."""
@@ -216,19 +218,18 @@ def test_fp8_grouped_experts_on_gpu_equal_the_cpu_emulation():
     assert results[1][2][0].abs().sum() == 0 and results[1][2][5].abs().sum() == 0  # experts without rows
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-                    reason="needs a GPU with FP8 tensor cores (compute capability 8.9 or newer)")
+@needs_fp8_tensor_cores
 def test_fp8_wgrad_grids_agree_bit_for_bit():
     """The grouped Wgrad kernel with one program per output block and with a persistent grid sums the
     same products in the same order: equal results, with an expert without rows and widths cut."""
     from dsv3.fp8 import kernels, quant
     from dsv3.fp8.groups import Groups
 
-    counts = torch.tensor([0, 300, 5, 128, 77]).cuda()
-    groups = Groups.of(counts, 510)
-    a_t, a_s = quant.quantize_tiles_transposed(_fp8_data(510, 384, seed=12), False, Groups.of(counts.cpu(), 510))
-    b_t, b_s = quant.quantize_tiles_transposed(_fp8_data(510, 512, seed=13), False, Groups.of(counts.cpu(), 510))
-    a_t, a_s, b_t, b_s = (t.cuda() for t in (a_t, a_s, b_t, b_s))
+    counts = torch.tensor([0, 300, 5, 128, 77])
+    operands = [quant.quantize_tiles_transposed(_fp8_data(510, width, seed=seed), False, Groups.of(counts, 510))
+                for width, seed in ((384, 12), (512, 13))]
+    a_t, a_s, b_t, b_s = (t.cuda() for pair in operands for t in pair)
+    groups = Groups.of(counts.cuda(), 510)
     for programs_per_sm in (1, 2):
         config = kernels.GemmConfig(wgrad_programs_per_sm=programs_per_sm)
         for got, want in zip(kernels.launch_grouped_wgrad(a_t, a_s, b_t, b_s, groups, 300, (250, 256), config),
