@@ -9,8 +9,9 @@
 - `swiglu_quantize`, `swiglu_backward`: the experts' SwiGLU fused with its quantisation, and its
   backward from the FP8 cache of its input.
 - `launch_grouped_gemm`, `launch_grouped_wgrad`: the GEMMs behind `grouped.py`.
-Scales are amax/448 (clamped, optionally powers of two), and values are divided with IEEE
-rounding (div_rn), as torch divides, so the GPU quantisation equals the reference bit for bit.
+Scales are amax/448 (clamped, optionally powers of two), and values are multiplied by the scale's
+reciprocal, computed with IEEE rounding (div_rn) as torch's `reciprocal` is, so the GPU quantisation
+equals the reference bit for bit.
 They run under TRITON_INTERPRET=1 on the CPU, where the float -> E4M3 cast rounds differently from
 torch's for about 2% of elements (tests allow one E4M3 step there and demand equality on the GPU).
 """
@@ -29,10 +30,12 @@ from .quant import E4M3, TILE, padded
 
 @triton.jit
 def _scale(amax, POW2: tl.constexpr):
+    """The scales of these amaxes and their reciprocals, what the values are multiplied by: one
+    division per scale (a division per value made these kernels bound by instruction issue)."""
     scale = tl.maximum(amax, 1e-4) / 448.0  # quant.MIN_AMAX, quant.E4M3_MAX
     if POW2:
         scale = tl.exp2(tl.ceil(tl.log2(scale)))
-    return scale
+    return scale, tl.math.div_rn(tl.zeros_like(scale) + 1.0, scale)
 
 
 @triton.jit
@@ -44,8 +47,8 @@ def _tiles_kernel(x_ptr, q_ptr, s_ptr, rows, k, k_pad, POW2: tl.constexpr, ROWS:
     r64 = r[:, None].to(tl.int64)
     x = tl.load(x_ptr + r64 * k + cols[None, :], mask=(r[:, None] < rows) & (cols[None, :] < k), other=0.0)
     x = x.to(tl.float32)
-    scale = _scale(tl.max(tl.abs(x), axis=1), POW2)
-    q = tl.math.div_rn(x, scale[:, None]).to(q_ptr.dtype.element_ty)
+    scale, inverse = _scale(tl.max(tl.abs(x), axis=1), POW2)
+    q = (x * inverse[:, None]).to(q_ptr.dtype.element_ty)
     tl.store(q_ptr + r64 * k_pad + cols[None, :], q, mask=r[:, None] < rows)
     tl.store(s_ptr + r * (k_pad // TILE_K) + tile, scale, mask=r < rows)
 
@@ -62,8 +65,8 @@ def _transpose_tile(x_ptr, x_scale_ptr, q_ptr, s_ptr, start, end, tile, col_bloc
     x = tl.load(x_ptr + r[:, None] * k + c[None, :], mask=mask, other=0.0).to(tl.float32)
     if DEQUANTIZE:  # COLS divides 128: the block's columns share one scale per row
         x *= tl.load(x_scale_ptr + r * (k // TILE_R) + (col_block * COLS) // TILE_R, mask=r < end, other=0.0)[:, None]
-    scale = _scale(tl.max(tl.abs(x), axis=0), POW2)  # (COLS,)
-    q = tl.math.div_rn(x, scale[None, :]).to(q_ptr.dtype.element_ty)
+    scale, inverse = _scale(tl.max(tl.abs(x), axis=0), POW2)  # (COLS,)
+    q = (x * inverse[None, :]).to(q_ptr.dtype.element_ty)
     out = tile * TILE_R + tl.arange(0, TILE_R)
     tl.store(q_ptr + c[None, :].to(tl.int64) * rows_pad + out[:, None], q, mask=c[None, :] < k)
     tl.store(s_ptr + tile * k + c, scale, mask=c < k)
@@ -105,8 +108,8 @@ def _expert_blocks_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, rows, cols, rows_
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     w = tl.load(w_ptr + e * rows * cols + r[:, None] * cols + c[None, :], mask=(r[:, None] < rows) & (c[None, :] < cols),
                 other=0.0).to(tl.float32)
-    scale = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
-    q = tl.math.div_rn(w, scale).to(q_ptr.dtype.element_ty)
+    scale, inverse = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
+    q = (w * inverse).to(q_ptr.dtype.element_ty)
     out_c = col_offset + c
     tl.store(q_ptr + e * rows_pad * out_cols + r[:, None] * out_cols + out_c[None, :], q)
     tl.store(qt_ptr + e * out_cols * rows_pad + out_c[None, :] * rows_pad + r[:, None], q)
@@ -218,8 +221,8 @@ def _transposed(operands: list[tuple[torch.Tensor, torch.Tensor | None]], power_
 @triton.jit
 def _quantize(x, POW2: tl.constexpr):
     """Rows of one 1x128 tile each (x: (ROWS, 128) fp32) -> E4M3-ready values and their scales."""
-    scale = _scale(tl.max(tl.abs(x), axis=1), POW2)
-    return tl.math.div_rn(x, scale[:, None]), scale
+    scale, inverse = _scale(tl.max(tl.abs(x), axis=1), POW2)
+    return x * inverse[:, None], scale
 
 
 @triton.jit

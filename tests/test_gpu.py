@@ -111,12 +111,12 @@ def test_fp8_triton_kernels_equal_the_reference_on_gpu():
                   quant.quantize_wgrad_operands(x, x[:, :200], power_of_two)),
                  (kernels.quantize_weight(w, power_of_two), quant.quantize_weight(w, power_of_two))]
         x_q, x_s = quant.quantize_tiles(x)  # an FP8 activation cache, dequantised on the way in
-        for cols, warps in ((32, 4), (64, 8), (128, 4), (128, 8)):  # the programs the sweep tries
+        for cols, warps in ((32, 4), (32, 1), (16, 1), (32, 2), (64, 2), (64, 4), (128, 8)):  # the sweep's programs
             pairs += [(kernels.quantize_tiles_transposed(x_q, power_of_two, x_scale=x_s, cols=cols, warps=warps),
                        quant.quantize_tiles_transposed(x_q, power_of_two, x_scale=x_s)),
                       (kernels.quantize_tiles_transposed(x, power_of_two, cols=cols, warps=warps),
                        quant.quantize_tiles(x.t(), power_of_two))]
-        for rows, warps in ((16, 4), (64, 8)):
+        for rows, warps in ((16, 4), (32, 4), (16, 1), (32, 2), (64, 4)):
             pairs.append((kernels.quantize_tiles(x, power_of_two, rows, warps), quant.quantize_tiles(x, power_of_two)))
         for got, want in pairs:  # (q, s) pairs; the weight's: W's and W^T's
             for q, s, q_ref, s_ref in zip(got[::2], got[1::2], want[::2], want[1::2]):
