@@ -9,9 +9,9 @@
 - `swiglu_quantize`, `swiglu_backward`: the experts' SwiGLU fused with its quantisation, and its
   backward from the FP8 cache of its input.
 - `launch_grouped_gemm`, `launch_grouped_wgrad`: the GEMMs behind `grouped.py`.
-Scales are amax/448 (clamped, optionally powers of two), and values are multiplied by the scale's
-reciprocal, computed with IEEE rounding (div_rn) as torch's `reciprocal` is, so the GPU quantisation
-equals the reference bit for bit.
+Scales are amax/448 (clamped, optionally powers of two); activations are multiplied by the scale's
+reciprocal, computed with IEEE rounding (div_rn) as torch's `reciprocal` is, and weights are divided
+by it (div_rn, as torch divides), so the GPU quantisation equals the reference bit for bit.
 They run under TRITON_INTERPRET=1 on the CPU, where the float -> E4M3 cast rounds differently from
 torch's for about 2% of elements (tests allow one E4M3 step there and demand equality on the GPU).
 """
@@ -108,8 +108,11 @@ def _expert_blocks_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, rows, cols, rows_
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     w = tl.load(w_ptr + e * rows * cols + r[:, None] * cols + c[None, :], mask=(r[:, None] < rows) & (c[None, :] < cols),
                 other=0.0).to(tl.float32)
-    scale, inverse = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
-    q = (w * inverse).to(q_ptr.dtype.element_ty)
+    scale, _ = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
+    # divided, not multiplied by the reciprocal: with the multiply, this kernel built by Triton 3.6
+    # for sm_90 wrote about a quarter of each transposed block wrong, differently from run to run (a
+    # race in the generated layout conversion). Weights are small, so the division costs little here
+    q = tl.math.div_rn(w, scale).to(q_ptr.dtype.element_ty)
     out_c = col_offset + c
     tl.store(q_ptr + e * rows_pad * out_cols + r[:, None] * out_cols + out_c[None, :], q)
     tl.store(qt_ptr + e * out_cols * rows_pad + out_c[None, :] * rows_pad + r[:, None], q)

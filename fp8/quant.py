@@ -3,11 +3,11 @@ against and the path used off the GPU.
 
 Activations: 1x128 tiles, one scale per token per 128 channels. Weights: 128x128 blocks. A scale
 is amax / 448 (amax clamped at 1e-4, as DeepSeek's kernels do), optionally rounded up to a power
-of two; values are multiplied by its reciprocal (one IEEE division per scale, not one per value:
-the GPU kernels' instruction count is what bounds them) and rounded to E4M3. With power-of-two
-scales this is the division exactly; otherwise a value can differ from x / scale by one FP32 ulp
-before the rounding to E4M3's 3 mantissa bits. The quantised tensor is zero-padded to whole tiles,
-the shape the GEMMs take; `dequantize_*` undo it.
+of two. Activations are multiplied by its reciprocal (one IEEE division per scale, not one per
+value: the GPU kernels' instruction count is what bounds them), which with power-of-two scales is
+the division exactly and otherwise can differ from x / scale by one FP32 ulp before the rounding to
+E4M3's 3 mantissa bits; weights are divided by it. Values are rounded to E4M3. The quantised tensor
+is zero-padded to whole tiles, the shape the GEMMs take; `dequantize_*` undo it.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def quantize_blocks(w: torch.Tensor, power_of_two: bool = False) -> tuple[torch.
     w = F.pad(w.float(), (0, padded(k) - k, 0, padded(n) - n))
     blocks = w.unflatten(1, (-1, TILE)).unflatten(0, (-1, TILE))  # (N/128, 128, K/128, 128)
     scale = scale_of(blocks.abs().amax(dim=(1, 3)), power_of_two)
-    q = (blocks * scale.reciprocal()[:, None, :, None]).to(E4M3).flatten(2).flatten(0, 1)
+    q = (blocks / scale[:, None, :, None]).to(E4M3).flatten(2).flatten(0, 1)
     return q, scale
 
 
