@@ -70,14 +70,15 @@ LINEARS = {  # an FP8 Linear's weight-gradient quantisation: (tokens, out, in) o
     "small wo": (16384, 1024, 2048),
 }
 SMOKE_LINEARS = {"smoke linear": (300, 200, 160)}
-# programs of the two quantisation kernels, the defaults first. One warp holding 16 rows x 8 columns
-# per thread transposes in registers (no shared-memory round trip, per the PTX Triton emits)
-TRANSPOSED_VARIANTS = ({"cols": 32, "warps": 4}, {"cols": 32, "warps": 1}, {"cols": 16, "warps": 1},
-                       {"cols": 32, "warps": 2}, {"cols": 64, "warps": 2}, {"cols": 64, "warps": 4},
+# programs of the two quantisation kernels, the defaults first (benchmarks/RESULTS.md, "FP8's
+# quantisation by reciprocal and its programs"). One warp holding 16 rows x 8 columns per thread
+# transposes in registers (no shared-memory round trip, per the PTX Triton emits)
+TRANSPOSED_VARIANTS = ({"cols": 64, "warps": 2}, {"cols": 32, "warps": 4}, {"cols": 32, "warps": 1},
+                       {"cols": 16, "warps": 1}, {"cols": 32, "warps": 2}, {"cols": 64, "warps": 4},
                        {"cols": 128, "warps": 8})
-TILES_VARIANTS = ({"rows_per_program": 16, "warps": 4}, {"rows_per_program": 32, "warps": 4},
-                  {"rows_per_program": 16, "warps": 1}, {"rows_per_program": 32, "warps": 2},
-                  {"rows_per_program": 64, "warps": 4})
+TILES_VARIANTS = ({"rows_per_program": 64, "warps": 4}, {"rows_per_program": 16, "warps": 4},
+                  {"rows_per_program": 32, "warps": 4}, {"rows_per_program": 16, "warps": 1},
+                  {"rows_per_program": 32, "warps": 2})
 
 
 def row_counts(rows: int, experts: int, layout: str, generator: torch.Generator) -> torch.Tensor:

@@ -123,8 +123,8 @@ def _expert_blocks_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, rows, cols, rows_
 
 
 ELEMENTWISE_ROWS = 16  # rows per program of the SwiGLU kernels
-TILES_ROWS, TILES_WARPS = 16, 4  # rows and warps per program of the 1x128 quantisation
-TRANSPOSED_COLS, TRANSPOSED_WARPS = 32, 4  # columns (a power of two, at most 128) and warps of the transposing one
+TILES_ROWS, TILES_WARPS = 64, 4  # rows and warps per program of the 1x128 quantisation
+TRANSPOSED_COLS, TRANSPOSED_WARPS = 64, 2  # columns (a power of two, at most 128) and warps of the transposing one
 
 
 def quantize_expert_blocks(weights: list[torch.Tensor], power_of_two: bool = False):
