@@ -222,6 +222,15 @@ def test_fp8_host_smoke():
         assert 0 < line["host_us"] <= line["drained_us"], line
 
 
+def test_fp8_host_parts_smoke():
+    lines = json_lines(run("fp8_host.py", "--smoke", "--parts", "--calls", "2"))
+    parts = [line["part"] for line in lines]
+    assert {"op dsv3::fp8_linear_wgrad", "op dsv3::fp8_experts_forward", "op dsv3::fp8_experts_backward",
+            "grouped_wgrad"} <= set(parts), parts
+    for line in lines:
+        assert 0 < line["host_us"] <= line["drained_us"], line
+
+
 def test_fp8_ops_smoke():
     lines = {line["mode"]: line for line in json_lines(run("fp8_ops.py", "--smoke"))}
     assert set(lines) == {"bf16", "fp8"}
