@@ -71,7 +71,7 @@ LINEARS = {  # an FP8 Linear's weight-gradient quantisation: (tokens, out, in) o
 }
 SMOKE_LINEARS = {"smoke linear": (300, 200, 160)}
 # programs of the two quantisation kernels, the defaults first (benchmarks/RESULTS.md, "FP8's
-# quantisation by reciprocal and its programs"). One warp holding 16 rows x 8 columns per thread
+# quantisation by reciprocal and its programs, ..."). One warp holding 16 rows x 8 columns per thread
 # transposes in registers (no shared-memory round trip, per the PTX Triton emits)
 TRANSPOSED_VARIANTS = ({"cols": 64, "warps": 2}, {"cols": 32, "warps": 4}, {"cols": 32, "warps": 1},
                        {"cols": 16, "warps": 1}, {"cols": 32, "warps": 2}, {"cols": 64, "warps": 4},
