@@ -4,7 +4,7 @@ against and the path used off the GPU.
 Activations: 1x128 tiles, one scale per token per 128 channels. Weights: 128x128 blocks. A scale
 is amax / 448 (amax clamped at 1e-4, as DeepSeek's kernels do), optionally rounded up to a power
 of two. Activations are multiplied by its reciprocal (one IEEE division per scale, not one per
-value: the GPU kernels' instruction count is what bounds them), which with power-of-two scales is
+value, as the GPU kernels do), which with power-of-two scales is
 the division exactly and otherwise can differ from x / scale by one FP32 ulp before the rounding to
 E4M3's 3 mantissa bits; weights are divided by it. Values are rounded to E4M3. The quantised tensor
 is zero-padded to whole tiles, the shape the GEMMs take; `dequantize_*` undo it.
