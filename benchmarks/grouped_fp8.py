@@ -135,24 +135,26 @@ def wgrad_operands(ops, x_q, x_s, dy, groups):
     return ops.quantize_tiles_transposed(x_q, False, groups, x_scale=x_s), ops.quantize_tiles_transposed(dy, False, groups)
 
 
-def fp8_gemms(o, groups, k, n, kernels=None, config=None):
-    """Our grouped FP8 GEMMs on pre-quantised operands; `kernels` is another checkout's module."""
+def fp8_gemms(o, groups, k, n, kernels=None, gemm_config=None, wgrad_config=None):
+    """Our grouped FP8 GEMMs on pre-quantised operands; `kernels` is another checkout's module, the
+    configs (GemmConfig for Fprop and Dgrad, WgradConfig) a sweep's variant."""
     if kernels is not None and not hasattr(kernels, "GemmConfig"):  # the kernels before TMA
         return {"fprop": lambda: kernels.launch_grouped_gemm(o["x_q"], o["x_s"], o["w_qt"], o["w_st"], groups,
                                                              torch.bfloat16),
                 "dgrad": lambda: kernels.launch_grouped_gemm(o["dy_q"], o["dy_s"], o["w_q"], o["w_s"], groups,
                                                              torch.bfloat16),
                 "wgrad": lambda: kernels.launch_grouped_wgrad(*o["x_t"], *o["dy_t"], groups)}
-    extra = {} if config is None else {"config": config}
-    if kernels is None and config is None:
+    gemm_extra = {} if gemm_config is None else {"config": gemm_config}
+    wgrad_extra = {} if wgrad_config is None else {"config": wgrad_config}
+    if kernels is None and gemm_config is None and wgrad_config is None:
         gemm, wgrad = grouped.grouped_gemm, grouped.grouped_wgrad
     else:
         if kernels is None:
             from dsv3.fp8 import kernels
         gemm, wgrad = kernels.launch_grouped_gemm, kernels.launch_grouped_wgrad
-    return {"fprop": lambda: gemm(o["x_q"], o["x_s"], o["w_qt"], o["w_st"], groups, torch.bfloat16, n, **extra),
-            "dgrad": lambda: gemm(o["dy_q"], o["dy_s"], o["w_q"], o["w_s"], groups, torch.bfloat16, k, **extra),
-            "wgrad": lambda: wgrad(*o["x_t"], *o["dy_t"], groups, k, (n,), **extra)}
+    return {"fprop": lambda: gemm(o["x_q"], o["x_s"], o["w_qt"], o["w_st"], groups, torch.bfloat16, n, **gemm_extra),
+            "dgrad": lambda: gemm(o["dy_q"], o["dy_s"], o["w_q"], o["w_s"], groups, torch.bfloat16, k, **gemm_extra),
+            "wgrad": lambda: wgrad(*o["x_t"], *o["dy_t"], groups, k, (n,), **wgrad_extra)}
 
 
 def first(result):
@@ -200,17 +202,17 @@ def case(name, shape, layout, device, iters, before, sweep, generator):
         print(json.dumps(row), flush=True)
     if sweep:
         from dsv3.fp8 import kernels
-        configs = list(sweep_configs(kernels))
-        for config in configs[:2] if device.type == "cpu" else configs:  # the smoke run: two, interpreted
-            variant = fp8_gemms(o, groups, k, n, config=config)
-            for gemm in ("fprop", "dgrad", "wgrad"):
+        for gemm, configs in sweep_configs(kernels).items():
+            for config in configs[:2] if device.type == "cpu" else configs:  # the smoke run: two, interpreted
+                key = "wgrad_config" if gemm == "wgrad" else "gemm_config"
+                variant = fp8_gemms(o, groups, k, n, **{key: config})[gemm]
                 try:
-                    t = seconds(variant[gemm], iters, cuda)
+                    t = seconds(variant, iters, cuda)
                 except Exception as error:  # noqa: BLE001 (a variant that does not compile is a result too)
                     t, failure, differs = None, str(error).splitlines()[0][:120], None
                 else:
                     failure = None
-                    got, want = first(variant[gemm]()).float(), first(ours[gemm]()).float()
+                    got, want = first(variant()).float(), first(ours[gemm]()).float()
                     differs = float((got - want).abs().max() / want.abs().max())  # a variant must not change results
                 print(json.dumps({"sweep": name, "counts": layout, "gemm": gemm, **dataclasses.asdict(config),
                                   "fp8_tflops": tflops(flop, t), "max_rel_vs_default": differs, "failure": failure}),
@@ -296,13 +298,20 @@ def linear_case(name, shape, device, iters, before, sweep, generator):
                               "ms": round(t * 1e3, 3), "tb_per_s": round(moved / t / 1e12, 2)}), flush=True)
 
 
-def sweep_configs(kernels):
-    base = kernels.GemmConfig()
-    yield from (dataclasses.replace(base, **change) for change in (
+def sweep_configs(kernels) -> dict:
+    """Each GEMM's variants, its default first. Wgrad's smaller blocks with one warpgroup fit two or
+    three programs per SM (`WgradConfig`), and so do Fprop's and Dgrad's with block_n 64."""
+    gemm, wgrad = kernels.GemmConfig(), kernels.WgradConfig()
+    gemms = [dataclasses.replace(gemm, **change) for change in (
         {}, {"stages": 3}, {"stages": 5}, {"warps": 4}, {"warps": 4, "stages": 3}, {"group_tiles": 1},
-        {"group_tiles": 16}, {"block_n": 64, "stages": 6}, {"block_n": 64, "warps": 4, "stages": 4},
-        {"block_n": 64, "warps": 4, "stages": 6}, {"wgrad_programs_per_sm": 1},
-        {"wgrad_programs_per_sm": 1, "stages": 3}, {"wgrad_programs_per_sm": 2, "stages": 3}))
+        {"group_tiles": 16}, {"block_n": 64, "stages": 6}, {"block_n": 64, "warps": 4, "stages": 3},
+        {"block_n": 64, "warps": 4, "stages": 4}, {"block_n": 64, "warps": 4, "stages": 6})]
+    wgrads = [dataclasses.replace(wgrad, **change) for change in (
+        {}, {"block_n": 64, "warps": 4, "stages": 3}, {"block_k": 64, "warps": 4, "stages": 3},
+        {"block_n": 64, "block_k": 64, "warps": 4, "stages": 3}, {"block_n": 64, "block_k": 64, "warps": 4, "stages": 4},
+        {"block_n": 64, "warps": 4, "stages": 2}, {"stages": 3}, {"programs_per_sm": 1},
+        {"programs_per_sm": 1, "stages": 3}, {"block_n": 64, "warps": 4, "stages": 3, "programs_per_sm": 2})]
+    return {"fprop": gemms, "dgrad": gemms, "wgrad": wgrads}
 
 
 def main() -> None:

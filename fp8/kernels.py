@@ -379,16 +379,30 @@ def _grouped_wgrad_kernel(a_desc, a_scale_ptr, b_desc, b_scale_ptr, c1_desc, c2_
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """Tiles and pipelining of the grouped GEMMs: 128 rows (one scale tile) by block_n columns,
-    128-wide K steps, `stages` of them in flight."""
+    """Tiles and pipelining of the grouped Fprop/Dgrad GEMM: 128 rows (one scale tile) by block_n
+    columns, 128-wide K steps, `stages` of them in flight."""
     block_n: int = 128
     warps: int = 8
     stages: int = 4
     group_tiles: int = 8
-    wgrad_programs_per_sm: int = 0  # Wgrad: 0, one program per output block; else a persistent grid
+
+
+@dataclass(frozen=True)
+class WgradConfig:
+    """Tiles and pipelining of the grouped Wgrad GEMM: (block_n, block_k) output blocks summed over
+    128-token steps. Each step's product is promoted with an outer product of two scale vectors
+    before the next step's MMA can start (Triton leaves it no asynchronous MMA), so the tensor cores
+    idle during the promotion unless another program on the SM issues its MMA meanwhile: smaller
+    blocks with one warpgroup fit two programs per SM, which take turns."""
+    block_n: int = 128
+    block_k: int = 128
+    warps: int = 8
+    stages: int = 4
+    programs_per_sm: int = 0  # 0, one program per output block; else a persistent grid
 
 
 GEMM = GemmConfig()
+WGRAD = WgradConfig()
 
 
 def launch_grouped_gemm(a, a_scale, b, b_scale, groups: Groups, out_dtype: torch.dtype, n_out: int | None = None,
@@ -412,7 +426,7 @@ def launch_grouped_gemm(a, a_scale, b, b_scale, groups: Groups, out_dtype: torch
 
 
 def launch_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, groups: Groups, n_out: int,
-                         widths: tuple[int, ...], config: GemmConfig = GEMM) -> list[torch.Tensor]:
+                         widths: tuple[int, ...], config: WgradConfig = WGRAD) -> list[torch.Tensor]:
     """Per expert, a_e^T @ b_e in FP32, cut along its columns into len(widths) (one or two) tensors
     (E, n_out, width): b_t's rows hold the widths one after the other, each padded to 128."""
     n, k = a_t.shape[0], b_t.shape[0]
@@ -420,18 +434,18 @@ def launch_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, groups: Groups, n_out: 
     # TMA stores rows whose byte stride is a multiple of 16: widths padded to 4 floats (cut off below)
     outs = [torch.empty((n_experts, n_out, -(-w // 4) * 4), dtype=torch.float32, device=a_t.device) for w in widths]
     split = padded(widths[0]) if len(widths) == 2 else k
-    a_desc = TensorDescriptor.from_tensor(a_t, [TILE, TILE])
-    b_desc = TensorDescriptor.from_tensor(b_t, [TILE, TILE])
-    c_descs = [TensorDescriptor.from_tensor(out, [1, TILE, TILE]) for out in outs]
+    a_desc = TensorDescriptor.from_tensor(a_t, [config.block_n, TILE])
+    b_desc = TensorDescriptor.from_tensor(b_t, [config.block_k, TILE])
+    c_descs = [TensorDescriptor.from_tensor(out, [1, config.block_n, config.block_k]) for out in outs]
     # the kernel reads scales token-tile-major: (tile, channel) contiguous, i.e. these (channel, tile) views
     a_t_scale, b_t_scale = a_t_scale.t().contiguous(), b_t_scale.t().contiguous()
-    blocks = n_experts * triton.cdiv(n, TILE) * triton.cdiv(k, TILE)
+    blocks = n_experts * triton.cdiv(n, config.block_n) * triton.cdiv(k, config.block_k)
     programs = blocks
-    if config.wgrad_programs_per_sm:
+    if config.programs_per_sm:
         sms = torch.cuda.get_device_properties(a_t.device).multi_processor_count if a_t.is_cuda else 4
-        programs = min(blocks, sms * config.wgrad_programs_per_sm)
+        programs = min(blocks, sms * config.programs_per_sm)
     _grouped_wgrad_kernel[(programs,)](a_desc, a_t_scale, b_desc, b_t_scale, c_descs[0], c_descs[-1], groups.first_tile,
-                                       n_experts, n, k, split, BLOCK_N=TILE, BLOCK_K=TILE, TILE_T=TILE,
-                                       num_warps=config.warps, num_stages=config.stages)
+                                       n_experts, n, k, split, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                                       TILE_T=TILE, num_warps=config.warps, num_stages=config.stages)
     outs = [out if out.shape[2] == w else out[:, :, :w] for out, w in zip(outs, widths)]
     return outs

@@ -404,9 +404,10 @@ TRITON_CHECK = textwrap.dedent("""
     full = grouped.emulate_grouped_wgrad(a_t, a_s, b_t, b_s, groups)
     args = (room(a_t, 0), room(a_s.repeat_interleave(128, 1), 1)[:, ::128],
             room(b_t, 0), room(b_s.repeat_interleave(128, 1), 1)[:, ::128], groups)
-    # one program per output block, and a persistent grid (4 programs off the GPU) looping over them
-    for (n_out, widths, starts), config in itertools.product(((384, (256,), (0,)), (300, (99, 120), (0, 128))),
-                                                             (kernels.GEMM, kernels.GemmConfig(wgrad_programs_per_sm=1))):
+    # one program per output block, a persistent grid (4 programs off the GPU) looping over them, and
+    # 64 x 64 blocks (two per weight's 128 columns, so one [W1 | W3] block never straddles the split)
+    configs = (kernels.WGRAD, kernels.WgradConfig(programs_per_sm=1), kernels.WgradConfig(block_n=64, block_k=64, warps=4))
+    for (n_out, widths, starts), config in itertools.product(((384, (256,), (0,)), (300, (99, 120), (0, 128))), configs):
         outs = kernels.launch_grouped_wgrad(*args, n_out, widths, config)
         for out, width, start in zip(outs, widths, starts):
             assert out.shape == (5, n_out, width)
