@@ -56,7 +56,7 @@ PROJECTIONS = {  # name: (experts, rows, K, N)
     "small down": (64, 98304, 384, 1024),
 }
 SMOKE_PROJECTIONS = {"smoke up": (4, 300, 256, 256)}
-SWEEP_ON = ("v3 up, 8 experts", "v2-lite up", "v2-lite down")
+SWEEP_ON = ("v3 up, 8 experts", "v2-lite up", "v2-lite down", "small up", "small down")
 EXPERTS = {  # the experts' whole backward quantisation: (experts, rows, dim, inter)
     "v3, 8 experts": (8, 32768, 7168, 2048),
     "v2-lite": (64, 98304, 2048, 1408),
