@@ -15,11 +15,15 @@ tiles (dy in 1x128 tiles, W in 128x128 blocks; dy^T and x^T in 1x128 tiles along
 the same products in FP32: the error of one GEMM, with nothing upstream. Rounding to E4M3 (3
 mantissa bits) errs by 1.8-3.6% RMS per operand, so about 2.6% for one operand and 3.7% for two
 (both independent) is what a correct quantisation gives; more means tiles whose values span more
-than E4M3's range.
+than E4M3's range. Training's Wgrad reads x from its 1x128 FP8 cache, dequantised and requantised
+along the tokens: a second rounding with exact scales, none with power-of-two scales (the new scale
+is the old one times a power of two, so each value only shifts its exponent); --per-gemm reports
+that Wgrad with both kinds of scale beside the one from x itself. --power-of-two runs the whole FP8
+model with power-of-two scales (fp8.power_of_two_scales=true).
 
 Usage: python benchmarks/grad_fidelity.py [--model small] [--layers 12] [--batch 4] [--seq-len 4096]
                                           [--warm-steps 0]
-                                          [--per-gemm]
+                                          [--per-gemm] [--power-of-two]
        python benchmarks/grad_fidelity.py --smoke   (the `tiny` recipe on the CPU, seconds)
 """
 import argparse
@@ -76,13 +80,20 @@ def record_linears(model, names: list[str]) -> tuple[dict, list]:
     return records, handles
 
 
-def rounded_tiles(t: torch.Tensor) -> torch.Tensor:
+def rounded_tiles(t: torch.Tensor, power_of_two: bool = False) -> torch.Tensor:
     """t through E4M3 in 1x128 tiles along its last dimension, back in FP32."""
-    return quant.dequantize_tiles(*quant.quantize_tiles(t), t.shape[-1])
+    return quant.dequantize_tiles(*quant.quantize_tiles(t, power_of_two), t.shape[-1])
 
 
-def rounded_blocks(w: torch.Tensor) -> torch.Tensor:
-    return quant.dequantize_blocks(*quant.quantize_blocks(w), tuple(w.shape))
+def rounded_blocks(w: torch.Tensor, power_of_two: bool = False) -> torch.Tensor:
+    return quant.dequantize_blocks(*quant.quantize_blocks(w, power_of_two), tuple(w.shape))
+
+
+def cached_transposed(x: torch.Tensor, power_of_two: bool) -> torch.Tensor:
+    """x^T as the FP8 Linear's Wgrad reads it: x kept in 1x128 tiles along its features (the
+    forward's FP8 cache), then dequantised and requantised in 1x128 tiles along the tokens."""
+    x_q, x_s = quant.quantize_tiles(x, power_of_two)
+    return quant.dequantize_tiles(*quant.quantize_tiles_transposed(x_q, power_of_two, x_scale=x_s), x.shape[0])[:x.shape[1]]
 
 
 class Errors:
@@ -105,14 +116,21 @@ class Errors:
 
 
 def per_gemm(records: dict) -> dict:
-    """Per kind: each backward GEMM from E4M3-rounded operands against FP32, error and norm ratio."""
-    errors = defaultdict(lambda: (Errors(), Errors()))  # Dgrad, Wgrad
+    """Per kind: each backward GEMM from E4M3-rounded operands against FP32, error and norm ratio.
+    Wgrad three ways: x^T quantised from x itself (`wgrad_`, one rounding per operand), and x^T
+    requantised from x's 1x128 FP8 cache as training computes it, with exact scales
+    (`wgrad_cached_`) and with power-of-two ones (`wgrad_cached_pow2_`)."""
+    errors = defaultdict(lambda: [Errors() for _ in range(4)])  # Dgrad, Wgrad direct, cached, cached pow2
     for name, (x, dy, w) in reversed(records.items()):  # forward order: backward filled it from the top
         x, dy, w = x.reshape(-1, x.shape[-1]).float(), dy.reshape(-1, dy.shape[-1]).float(), w.float()
-        dgrad, wgrad = errors[kind(name)]
+        dgrad, wgrad, cached, cached_pow2 = errors[kind(name)]
+        exact = dy.t() @ x
         dgrad.add(rounded_tiles(dy) @ rounded_blocks(w), dy @ w)
-        wgrad.add(rounded_tiles(dy.t().contiguous()) @ rounded_tiles(x.t().contiguous()).t(), dy.t() @ x)
-    return {k: {**dgrad.figures("dgrad_"), **wgrad.figures("wgrad_")} for k, (dgrad, wgrad) in errors.items()}
+        wgrad.add(rounded_tiles(dy.t().contiguous()) @ rounded_tiles(x.t().contiguous()).t(), exact)
+        cached.add(rounded_tiles(dy.t().contiguous()) @ cached_transposed(x, False).t(), exact)
+        cached_pow2.add(rounded_tiles(dy.t().contiguous(), True) @ cached_transposed(x, True).t(), exact)
+    return {k: {**e[0].figures("dgrad_"), **e[1].figures("wgrad_"), **e[2].figures("wgrad_cached_"),
+                **e[3].figures("wgrad_cached_pow2_")} for k, e in errors.items()}
 
 
 def compare(reference: dict, grads: dict) -> dict:
@@ -131,6 +149,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--warm-steps", type=int, default=0, help="FP32 AdamW steps before the comparison")
     parser.add_argument("--per-gemm", action="store_true", help="also each FP8 Linear's Dgrad and Wgrad on its own")
+    parser.add_argument("--power-of-two", action="store_true", help="the FP8 model with power-of-two scales")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
@@ -156,7 +175,7 @@ def main() -> None:
 
     tokens = batch()
     fp8_model = copy.deepcopy(model)
-    converted = convert(fp8_model, FP8Config(enabled=True))
+    converted = convert(fp8_model, FP8Config(enabled=True, power_of_two_scales=args.power_of_two))
     records, handles = record_linears(model, converted if args.per_gemm else [])
     loss32, reference = gradients(model, tokens, "fp32")
     for handle in handles:
@@ -165,7 +184,8 @@ def main() -> None:
     records.clear()
     results = {"bf16": gradients(model, tokens, "bf16"), "fp8": gradients(fp8_model, tokens, "fp8")}
     print(f"# {args.model}, {cfg.n_layers} layers, {args.batch} x {args.seq_len} tokens on {device}, "
-          f"after {args.warm_steps} FP32 steps; loss FP32 {loss32:.5f}, "
+          f"after {args.warm_steps} FP32 steps, FP8 scales {'power-of-two' if args.power_of_two else 'exact'}; "
+          f"loss FP32 {loss32:.5f}, "
           + ", ".join(f"{p.upper()} {loss:.5f}" for p, (loss, _) in results.items()))
     rows = {p: compare(reference, grads) for p, (_, grads) in results.items()}
     print(f"| {'parameter kind':<40} | {'BF16 rel err':>12} | {'BF16 norm':>9} | {'FP8 rel err':>11} | {'FP8 norm':>8} |")
@@ -174,12 +194,14 @@ def main() -> None:
         b, f = rows["bf16"][k], rows["fp8"][k]
         print(f"| {k:<40} | {b['rel_err']:>12.4f} | {b['norm_ratio']:>9.4f} | {f['rel_err']:>11.4f} | {f['norm_ratio']:>8.4f} |")
     if gemms:
-        print(f"\n| {'FP8 Linear, its GEMM alone':<40} | {'Dgrad err':>9} | {'norm':>6} | {'Wgrad err':>9} | {'norm':>6} |")
-        print(f"|{'-' * 42}|{'-' * 11}|{'-' * 8}|{'-' * 11}|{'-' * 8}|")
+        print(f"\n| {'FP8 Linear, its GEMM alone':<40} | {'Dgrad err':>9} | {'Wgrad err':>9} | {'from cache':>10} "
+              f"| {'pow2 scales':>11} | {'norm':>6} |")
+        print(f"|{'-' * 42}|{'-' * 11}|{'-' * 11}|{'-' * 12}|{'-' * 13}|{'-' * 8}|")
         for k, g in gemms.items():
-            print(f"| {k:<40} | {g['dgrad_rel_err']:>9.4f} | {g['dgrad_norm_ratio']:>6.3f} "
-                  f"| {g['wgrad_rel_err']:>9.4f} | {g['wgrad_norm_ratio']:>6.3f} |")
-    print(json.dumps({"model": args.model, "layers": cfg.n_layers, "device": str(device), "loss_fp32": loss32,
+            print(f"| {k:<40} | {g['dgrad_rel_err']:>9.4f} | {g['wgrad_rel_err']:>9.4f} | {g['wgrad_cached_rel_err']:>10.4f} "
+                  f"| {g['wgrad_cached_pow2_rel_err']:>11.4f} | {g['wgrad_cached_norm_ratio']:>6.3f} |")
+    print(json.dumps({"model": args.model, "layers": cfg.n_layers, "device": str(device),
+                      "power_of_two": args.power_of_two, "loss_fp32": loss32,
                       **{f"loss_{p}": loss for p, (loss, _) in results.items()}, "kinds": rows, "per_gemm": gemms}))
 
 
