@@ -391,9 +391,10 @@ class GemmConfig:
 class WgradConfig:
     """Tiles and pipelining of the grouped Wgrad GEMM: (block_n, block_k) output blocks summed over
     128-token steps. Each step's product is promoted with an outer product of two scale vectors
-    before the next step's MMA can start (Triton leaves it no asynchronous MMA), so the tensor cores
-    idle during the promotion unless another program on the SM issues its MMA meanwhile: smaller
-    blocks with one warpgroup fit two programs per SM, which take turns."""
+    before the next step's MMA starts (Triton leaves it no asynchronous MMA). Blocks of 64 x 128
+    with one warpgroup fit two programs per SM, which could take turns on the tensor cores; on an
+    H200 they gained no more than timing noise (benchmarks/RESULTS.md, "FP8's grouped Wgrad
+    blocks ..."), so the default stays one 128 x 128 block per program."""
     block_n: int = 128
     block_k: int = 128
     warps: int = 8

@@ -49,7 +49,7 @@ def test_power_of_two_scales_requantise_the_cache_without_a_second_rounding():
     1x128 tiles along the tokens. With power-of-two scales the new scale is the old one times a power
     of two, so each cached value only shifts its exponent: it stays exact unless it falls below E4M3's
     normals, where the spacing is 2^-9 of the scale (an error of at most 2^-10 of it). With exact
-    scales the ratio of scales is arbitrary and the values round a second time (about 1 in 16 off)."""
+    scales the ratio of scales is arbitrary and most values round a second time."""
     x = data(256, 384, seed=4)
     for power_of_two in (True, False):
         x_q, x_s = quantize_tiles(x, power_of_two)
