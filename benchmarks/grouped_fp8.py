@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import re
 import sys
 
 import torch
@@ -319,14 +320,15 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="also time tile/pipelining variants on a few shapes")
     parser.add_argument("--before", help="another checkout's root: time its fp8/kernels.py on the same operands")
-    parser.add_argument("--cases", help="comma-separated names (default: all)")
+    parser.add_argument("--cases", help="names separated by commas without a space after them, as in "
+                        "'v3 up, 8 experts,v2-lite up' (default: all)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, to check the script runs")
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     projections = SMOKE_PROJECTIONS if args.smoke else PROJECTIONS
     experts, linears = (SMOKE_EXPERTS, SMOKE_LINEARS) if args.smoke else (EXPERTS, LINEARS)
     if args.cases:
-        names = args.cases.split(",")
+        names = re.split(r",(?! )", args.cases)  # "v3 up, 8 experts" keeps its comma
         unknown = set(names) - set(projections) - set(experts) - set(linears)
         if unknown:
             parser.error(f"--cases: no case named {', '.join(sorted(unknown))}")

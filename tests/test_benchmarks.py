@@ -111,6 +111,17 @@ def test_grad_fidelity_smoke(tmp_path):
                                                                                        ratio("wgrad_cached_pow2"))
 
 
+def test_grouped_fp8_cases_keep_names_with_commas(tmp_path):
+    """--cases splits at commas that no space follows: V3's case names ("v3 up, 8 experts") have one."""
+    lines = json_lines(run("grouped_fp8.py", "--smoke", "--cases", "smoke up,smoke", cwd=tmp_path))
+    assert {line["case"] for line in lines if "case" in line} == {"smoke up"}
+    assert any("experts_backward_quantisation" in line for line in lines)
+    assert not any("linear_wgrad_quantisation" in line for line in lines)
+    failed = subprocess.run([sys.executable, str(BENCHMARKS / "grouped_fp8.py"), "--smoke", "--cases", "v3 up, 8 experts"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert failed.returncode == 2 and "no case named v3 up, 8 experts" in failed.stderr  # one name, not two
+
+
 def test_expert_gemm_smoke(tmp_path):
     """Both weight layouts give the same experts' output (the script asserts it) and a time each."""
     rows = table(run("expert_gemm.py", "--smoke", cwd=tmp_path))[2:]  # under the header and its rule
