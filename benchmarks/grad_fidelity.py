@@ -85,15 +85,16 @@ def rounded_tiles(t: torch.Tensor, power_of_two: bool = False) -> torch.Tensor:
     return quant.dequantize_tiles(*quant.quantize_tiles(t, power_of_two), t.shape[-1])
 
 
-def rounded_blocks(w: torch.Tensor, power_of_two: bool = False) -> torch.Tensor:
-    return quant.dequantize_blocks(*quant.quantize_blocks(w, power_of_two), tuple(w.shape))
+def rounded_blocks(w: torch.Tensor) -> torch.Tensor:
+    return quant.dequantize_blocks(*quant.quantize_blocks(w), tuple(w.shape))
 
 
 def cached_transposed(x: torch.Tensor, power_of_two: bool) -> torch.Tensor:
     """x^T as the FP8 Linear's Wgrad reads it: x kept in 1x128 tiles along its features (the
     forward's FP8 cache), then dequantised and requantised in 1x128 tiles along the tokens."""
     x_q, x_s = quant.quantize_tiles(x, power_of_two)
-    return quant.dequantize_tiles(*quant.quantize_tiles_transposed(x_q, power_of_two, x_scale=x_s), x.shape[0])[:x.shape[1]]
+    x_t = quant.dequantize_tiles(*quant.quantize_tiles_transposed(x_q, power_of_two, x_scale=x_s), x.shape[0])
+    return x_t[:x.shape[1]]  # the cache's padded features cut off
 
 
 class Errors:
@@ -124,11 +125,11 @@ def per_gemm(records: dict) -> dict:
     for name, (x, dy, w) in reversed(records.items()):  # forward order: backward filled it from the top
         x, dy, w = x.reshape(-1, x.shape[-1]).float(), dy.reshape(-1, dy.shape[-1]).float(), w.float()
         dgrad, wgrad, cached, cached_pow2 = errors[kind(name)]
-        exact = dy.t() @ x
+        exact, dy_t = dy.t() @ x, dy.t().contiguous()
         dgrad.add(rounded_tiles(dy) @ rounded_blocks(w), dy @ w)
-        wgrad.add(rounded_tiles(dy.t().contiguous()) @ rounded_tiles(x.t().contiguous()).t(), exact)
-        cached.add(rounded_tiles(dy.t().contiguous()) @ cached_transposed(x, False).t(), exact)
-        cached_pow2.add(rounded_tiles(dy.t().contiguous(), True) @ cached_transposed(x, True).t(), exact)
+        wgrad.add(rounded_tiles(dy_t) @ rounded_tiles(x.t().contiguous()).t(), exact)
+        cached.add(rounded_tiles(dy_t) @ cached_transposed(x, False).t(), exact)
+        cached_pow2.add(rounded_tiles(dy_t, True) @ cached_transposed(x, True).t(), exact)
     return {k: {**e[0].figures("dgrad_"), **e[1].figures("wgrad_"), **e[2].figures("wgrad_cached_"),
                 **e[3].figures("wgrad_cached_pow2_")} for k, e in errors.items()}
 
