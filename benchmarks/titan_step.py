@@ -6,7 +6,7 @@ with carry [".whl"]; device_env.sh installs the wheels, torchtitan's included, a
     source benchmarks/device_env.sh && python3 benchmarks/titan_step.py
 
     python benchmarks/titan_step.py [--configs small,v2_lite_4l] [--systems ...] [--batch 4] [--seq-len 4096]
-        [--steps 10] [--warmup 3] [--compile-backend inductor] [--dsv3-compile harness] [--compile-mode default]
+        [--steps 10] [--warmup 3] [--compile-backend inductor] [--dsv3-compile harness]
         [--kernels N] [--ops N]
     python benchmarks/titan_step.py --smoke   (dsv3 only, the tiny recipe on the CPU, seconds)
 
@@ -20,12 +20,14 @@ set to our shape and a synthetic dataloader, configured through its ConfigManage
 dsv3 with `block.compile()` on every layer applied here (`--dsv3-compile harness`; `trainer`
 instead passes `train.compile=on`, the trainer's setting; eager runs pass `train.compile=off`), torchtitan with
 `--compile.enable` (per-block torch.compile, routed experts left eager, loss compiled).
-`--compile-mode reduce-overhead` compiles dsv3's blocks with CUDA graphs (cudagraph trees), which
-replay a block's kernels without the host launching each one.
+"dsv3 graphs" is the trainer with `train.compile=on train.cuda_graphs=true`: each compiled block
+replays CUDA graphs (cudagraph trees), its kernels launched without the host launching each one.
 
 Each (config, system) runs in its own subprocess, so memory peaks and compile caches stay apart.
 Step time is the median over --steps steps (CUDA events) after --warmup steps; peak memory is
-torch.cuda.max_memory_allocated over the timed steps; one more step is profiled for the GPU
+torch.cuda.max_memory_allocated over the timed steps, and reserved memory its
+max_memory_reserved (CUDA graphs' replays allocate nothing: their memory, in pools set up while
+they were recorded, counts only as reserved, so compare a graphs row by that); one more step is profiled for the GPU
 operations it launches and their busy time, and one more runs under torch's sync debug mode to count
 the host syncs it asks for (with --ops N, one more is profiled on host and GPU: the N operators
 with the most time of their own on each, by input shape); MFU uses dsv3's FLOP count for both,
@@ -80,7 +82,7 @@ DSV3_ONLY = {  # configs that only dsv3 runs, and why
     "v2_lite_4l_fp8_dense": "FP8 compares with dsv3's BF16 row",
 }
 SMOKE_CONFIGS = {"tiny": ["model=tiny", "model.mtp_depth=0"]}
-SYSTEMS = ["dsv3 eager", "dsv3 compiled", "torchtitan eager", "torchtitan compiled"]
+SYSTEMS = ["dsv3 eager", "dsv3 compiled", "torchtitan eager", "torchtitan compiled"]  # and "dsv3 graphs"
 FLAVOR = "dsv3"  # the one flavour of the TrainSpec registered with torchtitan for each config
 
 
@@ -217,7 +219,8 @@ def measure(step, device: torch.device, steps: int, warmup: int) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    timed = {"step_ms": median_ms(step, warmup=0, iters=steps, cuda=cuda), "peak_gib": peak_gib(device)}
+    timed = {"step_ms": median_ms(step, warmup=0, iters=steps, cuda=cuda), "peak_gib": peak_gib(device),
+             "reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None}
     return {**timed, **(count_one_step(step) if cuda else {}),
             **top_ops(step, int(os.environ.get("TITAN_STEP_OPS", "0")), cuda)}
 
@@ -272,11 +275,11 @@ def top_ops(step, n: int, cuda: bool) -> dict:
             "top_host_ops": sorted(rows, key=lambda row: -row[3])[:n]}
 
 
-def run_dsv3(cfg: Config, compiled: bool, args) -> dict:
+def run_dsv3(cfg: Config, harness_compiles: bool, args) -> dict:
     trainer = Trainer(cfg)
-    if compiled and args.dsv3_compile == "harness":
+    if harness_compiles:
         for block in trainer.model.layers.values():
-            block.compile(backend=args.compile_backend, mode=None if args.compile_mode == "default" else args.compile_mode)
+            block.compile(backend=args.compile_backend)
     params = sum(p.numel() for p in trainer.model.parameters())
     return {"params": params, **measure(trainer.train_step, trainer.device, args.steps, args.warmup)}
 
@@ -313,11 +316,15 @@ def worker(args) -> None:
     overrides = {**CONFIGS, **SMOKE_CONFIGS}[args.config]
     system, mode = args.worker.split()
     if system == "dsv3":  # the trainer compiles on CUDA by default: eager must say so
-        trainer_compiles = mode == "compiled" and args.dsv3_compile == "trainer"
-        overrides = [*overrides, f"train.compile={'on' if trainer_compiles else 'off'}"]
+        trainer_compiles = mode == "graphs" or (mode == "compiled" and args.dsv3_compile == "trainer")
+        overrides = [*overrides, f"train.compile={'on' if trainer_compiles else 'off'}",
+                     *(["train.cuda_graphs=true"] if mode == "graphs" else [])]
     cfg = dsv3_config(overrides, args.batch, args.seq_len, args.smoke, f"/tmp/titan_step/{args.config}")
-    run = run_dsv3 if system == "dsv3" else run_titan
-    print("RESULT " + json.dumps(run(cfg, mode == "compiled", args)), flush=True)
+    if system == "dsv3":
+        result = run_dsv3(cfg, mode == "compiled" and args.dsv3_compile == "harness", args)
+    else:
+        result = run_titan(cfg, mode == "compiled", args)
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 # --- the side-by-side table ---------------------------------------------------------------------
@@ -326,7 +333,6 @@ def launch(args, config: str, system: str) -> dict:
     command = [sys.executable, __file__, "--worker", system, "--config", config, "--batch", str(args.batch),
                "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--compile-backend", args.compile_backend, "--dsv3-compile", args.dsv3_compile,
-               "--compile-mode", args.compile_mode,
                *(["--smoke"] if args.smoke else [])]
     env = {**os.environ, "TITAN_STEP_KERNELS": str(args.kernels), "TITAN_STEP_OPS": str(args.ops)}
     if args.trace and os.environ.get("OUT"):
@@ -351,8 +357,6 @@ def main() -> None:
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--dsv3-compile", choices=["harness", "trainer"], default="harness",
                         help="harness: block.compile() on each layer here; trainer: train.compile=on")
-    parser.add_argument("--compile-mode", default="default",
-                        help="torch.compile mode of dsv3's blocks under --dsv3-compile harness (reduce-overhead: CUDA graphs)")
     parser.add_argument("--smoke", action="store_true", help="dsv3 only, the tiny recipe on the CPU, seconds")
     parser.add_argument("--trace", action="store_true", help="write each profiled step's timeline under $OUT")
     parser.add_argument("--kernels", type=int, default=0,
@@ -372,8 +376,7 @@ def main() -> None:
     installed = titan_installed()
     device = "CPU (smoke)" if args.smoke else torch.cuda.get_device_name()
     print(f"# {device}, torch {torch.__version__}, {args.batch} x {args.seq_len} tokens, "
-          f"median of {args.steps} steps after {args.warmup}, compile backend {args.compile_backend}, "
-          f"dsv3 compile mode {args.compile_mode}")
+          f"median of {args.steps} steps after {args.warmup}, compile backend {args.compile_backend}")
     peak = None if args.smoke else peak_flops(torch.device("cuda"), 0.0)  # the trainer's dense BF16 peaks
     rows = []
     for name in args.configs.split(","):
@@ -412,9 +415,9 @@ def main() -> None:
         print(table_row(r))
 
 
-HEADER = (f"| {'config':<14} | {'system':<20} | {'tokens/s':>10} | {'MFU':>6} | {'peak GiB':>8} | {'step ms':>8} "
-          f"| {'GPU ops':>7} | {'busy ms':>7} | {'syncs':>5} |\n"
-          f"|{'-' * 16}|{'-' * 22}|{'-' * 12}|{'-' * 8}|{'-' * 10}|{'-' * 10}|{'-' * 9}|{'-' * 9}|{'-' * 7}|")
+HEADER = (f"| {'config':<14} | {'system':<20} | {'tokens/s':>10} | {'MFU':>6} | {'peak GiB':>8} | {'reserved':>8} "
+          f"| {'step ms':>8} | {'GPU ops':>7} | {'busy ms':>7} | {'syncs':>5} |\n"
+          f"|{'-' * 16}|{'-' * 22}|{'-' * 12}|{'-' * 8}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 9}|{'-' * 9}|{'-' * 7}|")
 
 
 def table_row(r: dict) -> str:
@@ -423,8 +426,9 @@ def table_row(r: dict) -> str:
     mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else f"{'-':>6}"
     counts = (f"{r['gpu_ops']:7d} | {r['gpu_busy_ms']:7.1f} | {r['host_syncs']:5d}" if "gpu_ops" in r
               else f"{'-':>7} | {'-':>7} | {'-':>5}")
+    reserved = f"{r['reserved_gib']:8.1f}" if r.get("reserved_gib") is not None else f"{'-':>8}"
     return (f"| {r['config']:<14} | {r['system']:<20} | {r['tokens_per_s']:10,.0f} | {mfu} | "
-            f"{r['peak_gib']:8.1f} | {r['step_ms']:8.1f} | {counts} |")
+            f"{r['peak_gib']:8.1f} | {reserved} | {r['step_ms']:8.1f} | {counts} |")
 
 
 def save(device: str, rows: list[dict]) -> None:

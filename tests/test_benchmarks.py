@@ -154,18 +154,20 @@ def test_pipeline_step_smoke_on_two_gloo_ranks(tmp_path):
 
 def test_titan_step_smoke_runs_dsv3_and_names_torchtitan(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path)}
-    stdout = run("titan_step.py", "--smoke", "--ops", "5", cwd=tmp_path, env=env)
+    systems = "dsv3 eager,dsv3 compiled,dsv3 graphs,torchtitan eager,torchtitan compiled"
+    stdout = run("titan_step.py", "--smoke", "--ops", "5", "--systems", systems, cwd=tmp_path, env=env)
     rows = {(r[0], r[1]): r[2:] for r in table(stdout)[2:]}
     for system in ("dsv3 eager", "dsv3 compiled"):
-        tokens_per_s, mfu, peak, step_ms, gpu_ops, busy_ms, syncs = rows["tiny", system]
+        tokens_per_s, mfu, peak, reserved, step_ms, gpu_ops, busy_ms, syncs = rows["tiny", system]
         assert float(tokens_per_s.replace(",", "")) > 0 and float(step_ms) > 0, system
-        assert gpu_ops == busy_ms == syncs == "-"  # counted on a GPU only
+        assert reserved == gpu_ops == busy_ms == syncs == "-"  # counted on a GPU only
+    # "dsv3 graphs" is the trainer's train.cuda_graphs=true, which the CPU refuses in one sentence
+    assert "train.cuda_graphs=true needs a CUDA device" in rows["tiny", "dsv3 graphs"][0]
     for system in ("torchtitan eager", "torchtitan compiled"):
         assert rows["tiny", system][0] in ("not installed", "not run (the smoke run is dsv3 only)")
     assert "# tiny: dsv3 959,648 parameters" in stdout
     saved = json.loads((tmp_path / "titan_step.json").read_text())
-    assert [r["system"] for r in saved["rows"]] == ["dsv3 eager", "dsv3 compiled", "torchtitan eager",
-                                                     "torchtitan compiled"]
+    assert [r["system"] for r in saved["rows"]] == systems.split(",")
     for row in saved["rows"][:2]:  # --ops: the operators with the most host time (no GPU time on the CPU)
         assert len(row["top_host_ops"]) == 5 and row["top_host_ops"][0][3] > 0, row
         assert all(op[2] == 0 for op in row["top_gpu_ops"]), row

@@ -266,6 +266,39 @@ def test_compiled_blocks_train_like_eager_blocks(tmp_path, precision):
     assert runs["on"] == pytest.approx(runs["off"], rel=2e-3)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_cuda_graph_blocks_train_like_compiled_blocks(tmp_path, precision):
+    """train.cuda_graphs=true: three steps of two micro-batches each, with a validation pass between
+    steps (graphs recorded without gradients too), give the losses of compiled blocks without
+    graphs. Both run the same Inductor kernels; a graph replays them from the host's recording, so
+    the figures may differ only by the order of atomic floating-point additions, which differs
+    between any two runs (relative 1e-7 per addition in FP32; a few E4M3 roundings it moves across
+    a boundary change a loss by far less than 1e-5). No block may have been left out of the
+    graphs (Inductor counts each such skip), and the graphs must exist."""
+    from omegaconf import OmegaConf
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+
+    from dsv3.train.config import compose
+    from dsv3.train.loop import Trainer
+
+    runs = {}
+    for graphs in (False, True):
+        counters.clear()
+        cfg = compose([f"train.run_dir={tmp_path / str(graphs)}", "data=synthetic", "train.wandb.mode=disabled",
+                       "train.eval_every=1", "train.eval_batches=2", "train.steps=3", "train.compile=on",
+                       "train.global_batch_size=8", "train.micro_batch_size=4", f"train.cuda_graphs={graphs}",
+                       f"precision={precision}"])
+        history = Trainer(OmegaConf.to_object(cfg)).run()
+        runs[graphs] = [r["loss"] for r in history] + [r["val_loss"] for r in history if "val_loss" in r]
+        if graphs:
+            assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+            manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+            assert manager is not None and len(list(manager.get_roots())) > 0
+    assert len(runs[True]) >= 6, runs
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5)
+
+
 def test_chunked_head_loss_on_gpu_equals_fp64_plain_form():
     """The head's chunked cross-entropy under BF16 autocast at a vocabulary of 32K, several chunks:
     loss and gradients against the plain form in float64 on the same BF16-rounded operands. The

@@ -284,6 +284,51 @@ def test_compile_setting_compiles_each_block_only_where_asked(tmp_path):
         trainer(tmp_path / "bad", "train.steps=1", "train.compile=yes")
 
 
+def test_cuda_graphs_setting_is_refused_where_blocks_cannot_be_graphed(tmp_path):
+    """train.cuda_graphs=true replays compiled blocks on a CUDA device: asked for on the CPU or with
+    eager blocks, the run stops with one sentence naming the setting, before any file is written."""
+    with pytest.raises(ValueError, match=r"train.cuda_graphs=true needs a CUDA device; this run is on cpu"):
+        trainer(tmp_path / "cpu", "train.steps=1", "train.compile=on", "train.cuda_graphs=true")
+    with pytest.raises(ValueError, match=r"train.cuda_graphs=true .* cannot run with train.compile=off"):
+        trainer(tmp_path / "eager", "train.steps=1", "train.compile=off", "train.cuda_graphs=true")
+    assert not (tmp_path / "cpu").exists() and not (tmp_path / "eager").exists()
+
+
+def test_cuda_graph_steps_add_gradients_into_buffers_that_persist(tmp_path):
+    """The passes of train.cuda_graphs (run here on eager CPU blocks: the bookkeeping, not the
+    graphs): every .grad exists before the first micro-batch's backward and stays the same tensor
+    from step to step (a graph's own output memory is overwritten by its next replay, so
+    gradients must be added into buffers outside it), refilled where a parameter lost its .grad
+    (as ZeRO frees them); and the gradients of two micro-batches equal the plain passes' exactly."""
+    from dsv3.parallel.runtime import Runtime
+    from dsv3.train.engine import Unpipelined
+
+    t = trainer(tmp_path, "train.steps=1")
+    batches = [torch.randint(t.cfg.model.vocab_size, (2, 33), generator=torch.Generator().manual_seed(i))
+               for i in range(2)]
+    params = [p for p in t.model.parameters() if p.requires_grad]
+    plain = Unpipelined(t.model, Runtime(), t.device)
+    plain.train_step(batches, 0.3)
+    want = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    graphs = Unpipelined(t.model, Runtime(), t.device, cuda_graphs=True)
+    seen = []
+    first = params[0].register_hook(lambda grad: seen.append(params[0].grad is not None))
+    graphs.train_step(batches, 0.3)
+    first.remove()
+    assert seen == [True, True]  # allocated before either micro-batch's backward reached it
+    for p, w in zip(params, want):
+        assert torch.equal(p.grad, w)
+    buffers = [p.grad for p in params]
+    t.optimizer.zero_grad(set_to_none=False)
+    params[1].grad = None
+    graphs.train_step(batches, 0.3)
+    assert all(p.grad is b for p, b in zip(params[2:], buffers[2:])) and params[0].grad is buffers[0]
+    for p, w in zip(params, want):
+        assert torch.equal(p.grad, w)
+
+
 def test_batch_ramp_runs_the_scheduled_micro_batches(tmp_path):
     """train.schedule.batch_ramp_start: the global batch grows linearly from 2 to 8 sequences over the
     first half of a 1280-token run, read before each step from the tokens trained so far and rounded

@@ -97,6 +97,17 @@ def compiles(setting: str, device: torch.device, cut: Cut | None) -> bool:
     return wanted and cut is None
 
 
+def check_cuda_graphs(device: torch.device, runtime: Runtime, compiled: bool) -> None:
+    """train.cuda_graphs=true: refused where a block cannot be captured as a graph."""
+    if device.type != "cuda":
+        raise ValueError(f"train.cuda_graphs=true needs a CUDA device; this run is on {device.type}.")
+    if runtime.layout.ep > 1:
+        raise ValueError("train.cuda_graphs=true needs parallel.ep=1: the expert all-to-all sizes its "
+                         "exchanges on the host, which a CUDA graph cannot capture.")
+    if not compiled:
+        raise ValueError("train.cuda_graphs=true needs compiled blocks, which a pipelined run does not have.")
+
+
 def build_optimizer_and_gradients(cfg: Config, model: Transformer, runtime: Runtime, device: torch.device,
                                   copies: dict[str, int] | None
                                   ) -> tuple[torch.optim.Optimizer, LocalGradients | AllReducedGradients
@@ -124,20 +135,23 @@ class Parts:
     optimizer: torch.optim.Optimizer
     gradients: LocalGradients | AllReducedGradients | ShardedGradients
     compiled: bool
+    cuda_graphs: bool
 
 
 def build_parts(cfg: Config, runtime: Runtime, device: torch.device) -> Parts:
     cut = build_cut(cfg, runtime)
     model = build_model(cfg.model, device, cfg.seed, runtime, cut, cfg.fp8)
     model.train()
-    compiled = compiles(cfg.train.compile, device, cut)
+    compiled, cuda_graphs = compiles(cfg.train.compile, device, cut), cfg.train.cuda_graphs
+    if cuda_graphs:
+        check_cuda_graphs(device, runtime, compiled)
     if compiled:
         for block in model.blocks():
-            block.compile()
+            block.compile(mode="reduce-overhead" if cuda_graphs else None)
     if cut is None:
-        passes, copies = Unpipelined(model, runtime, device), None
+        passes, copies = Unpipelined(model, runtime, device, cuda_graphs), None
     else:
         passes = Pipelined(model, runtime, device, cut, cfg.parallel.overlap, cfg.model)
         copies = passes.replicas.copies
     optimizer, gradients = build_optimizer_and_gradients(cfg, model, runtime, device, copies)
-    return Parts(model, passes, optimizer, gradients, compiled)
+    return Parts(model, passes, optimizer, gradients, compiled, cuda_graphs)

@@ -85,6 +85,11 @@ class TrainConfig:
     # (where compiling costs more than it saves); "on"; "off". Pipelined runs execute blocks part by
     # part and stay eager.
     compile: str = "auto"
+    # Replay each compiled block's forward and backward as CUDA graphs (torch.compile's
+    # reduce-overhead mode): the host launches one graph per block instead of each of its kernels,
+    # which matters where the host, not the GPU, bounds the step (README, "CUDA graphs"). Needs
+    # compiled blocks on one CUDA device per expert set: no expert or pipeline parallelism.
+    cuda_graphs: bool = False
     log_every: int = 10  # console lines; metrics.jsonl gets every step
     eval_every: int = 0  # validation loss and bits per byte every N steps (0: never; always at the end)
     eval_batches: int = 4  # micro-batches of the validation split per evaluation
@@ -111,6 +116,8 @@ class TrainConfig:
                              f"train.micro_batch_size={self.micro_batch_size}.")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"train.compile must be auto, on or off, got {self.compile!r}.")
+        if self.cuda_graphs and self.compile == "off":
+            raise ValueError("train.cuda_graphs=true replays compiled blocks; it cannot run with train.compile=off.")
         if self.adam_state_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"train.adam_state_dtype must be float32 or bfloat16, got {self.adam_state_dtype!r}.")
 

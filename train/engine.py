@@ -23,16 +23,26 @@ def autocast(device: torch.device) -> AbstractContextManager:
 
 
 class Unpipelined:
-    """The whole model (with this rank's experts) on every rank: micro-batches one after another."""
+    """The whole model (with this rank's experts) on every rank: micro-batches one after another.
 
-    def __init__(self, model: Transformer, runtime: Runtime, device: torch.device):
-        self.model, self.runtime, self.device = model, runtime, device
+    cuda_graphs: the blocks replay CUDA graphs (train.cuda_graphs). A graph writes its outputs,
+    the backward's parameter gradients among them, into memory of its own that its next replay
+    overwrites, so backward must add them into .grad tensors allocated outside the graphs (an
+    empty .grad would take the graph's tensor as it is, and the next micro-batch would overwrite
+    it); and each micro-batch tells torch that the previous one's outputs are consumed."""
+
+    def __init__(self, model: Transformer, runtime: Runtime, device: torch.device, cuda_graphs: bool = False):
+        self.model, self.runtime, self.device, self.cuda_graphs = model, runtime, device, cuda_graphs
 
     def train_step(self, batches: list[torch.Tensor], mtp_weight: float) -> torch.Tensor:
         """Gradients of the mean loss over the micro-batches in .grad; returns the (main, mtp,
         balance) losses, means over them."""
+        if self.cuda_graphs:
+            allocate_gradients(self.model)
         losses = torch.zeros(3, device=self.device)
         for batch in batches:
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast(self.device):
                 out = self.model(batch[:, :-1], batch[:, 1:])
                 loss = out.total(mtp_weight)
@@ -44,6 +54,8 @@ class Unpipelined:
         """The sum of the micro-batches' main losses."""
         total = torch.zeros((), device=self.device)
         for batch in batches:
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast(self.device):
                 total += self.model(batch[:, :-1], batch[:, 1:]).main_loss.float()
         return total
@@ -55,6 +67,15 @@ class Unpipelined:
     def every_layer(self, values: torch.Tensor) -> torch.Tensor:
         """Per-router values of this rank -> values of every router of the model."""
         return values
+
+
+@torch.no_grad()
+def allocate_gradients(model: torch.nn.Module) -> None:
+    """A zeroed .grad for every trained parameter that has none (after ZeRO freed them, or at the
+    first step), for backward to add into."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 class Pipelined:
