@@ -20,15 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch.library import custom_op
 
-from dsv3.model.moe import cuda_capability
-
 from .quant import E4M3, TILE
 
 CUBLAS_K = 4 * TILE  # cuBLASLt's blockwise modes take K in multiples of four 128-wide blocks
 
 
 def cublas_supported(t: torch.Tensor) -> bool:
-    return cuda_capability(t) >= (9, 0)
+    return t.is_cuda and torch.cuda.get_device_capability(t.device) >= (9, 0)
 
 
 def emulate(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,

@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import torch
 
-from dsv3.model.moe import cuda_capability
-
 from .gemm import emulate
 from .groups import Groups
 from .quant import TILE, padded
 
 
 def triton_supported(t: torch.Tensor) -> bool:
-    return cuda_capability(t) >= (8, 9)
+    return t.is_cuda and torch.cuda.get_device_capability(t.device) >= (8, 9)
 
 
 def emulate_grouped_gemm(a, a_scale, b, b_scale, groups: Groups, out_dtype: torch.dtype) -> torch.Tensor:

@@ -12,7 +12,6 @@ file knows about process groups or FP8.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 from typing import Callable, Protocol
 
 import torch
@@ -108,20 +107,10 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: fl
     return alpha * (f * p).sum(dim=-1).mean()
 
 
-@cache
-def _device_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def cuda_capability(t: torch.Tensor) -> tuple[int, int]:
-    """The compute capability of t's GPU, (0, 0) for a tensor elsewhere. Read once per device: the
-    query costs microseconds of host time, and the FP8 layers ask at every call."""
-    return _device_capability(t.get_device()) if t.is_cuda else (0, 0)
-
-
 def grouped_mm_supported(x: torch.Tensor) -> bool:
     """torch._grouped_mm has a fused kernel on Hopper-class GPUs (compute capability 9.0+)."""
-    return hasattr(torch, "_grouped_mm") and cuda_capability(x)[0] >= 9
+    return (x.is_cuda and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
