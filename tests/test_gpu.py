@@ -268,13 +268,16 @@ def test_compiled_blocks_train_like_eager_blocks(tmp_path, precision):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_cuda_graph_blocks_train_like_compiled_blocks(tmp_path, precision):
-    """train.cuda_graphs=true: three steps of two micro-batches each, with a validation pass between
-    steps (graphs recorded without gradients too), give the losses of compiled blocks without
-    graphs. Both run the same Inductor kernels; a graph replays them from the host's recording, so
-    the figures may differ only by the order of atomic floating-point additions, which differs
-    between any two runs (relative 1e-7 per addition in FP32; a few E4M3 roundings it moves across
-    a boundary change a loss by far less than 1e-5). No block may have been left out of the
-    graphs (Inductor counts each such skip), and the graphs must exist."""
+    """train.cuda_graphs=true: four steps, two of one micro-batch then two of two (a batch ramp:
+    gradients kept from the graph's own memory, then added into buffers of their own), with a
+    validation pass after each (graphs recorded without gradients too), give the losses of
+    compiled blocks without graphs. Both run the same Inductor kernels (each run compiles afresh: a run that found the
+    other's compiled code would recompile past Dynamo's limit and leave blocks eager); a graph
+    replays them from the host's recording, so the figures may differ only by the order of atomic
+    floating-point additions, which differs between any two runs (relative 1e-7 per addition in
+    FP32; a few E4M3 roundings it moves across a boundary change a loss by far less than 1e-5).
+    No block may have been left out of the graphs (Inductor counts each such skip), and the graphs
+    must exist."""
     from omegaconf import OmegaConf
     from torch._dynamo.utils import counters
     from torch._inductor import cudagraph_trees
@@ -284,18 +287,20 @@ def test_cuda_graph_blocks_train_like_compiled_blocks(tmp_path, precision):
 
     runs = {}
     for graphs in (False, True):
+        torch._dynamo.reset()
         counters.clear()
         cfg = compose([f"train.run_dir={tmp_path / str(graphs)}", "data=synthetic", "train.wandb.mode=disabled",
-                       "train.eval_every=1", "train.eval_batches=2", "train.steps=3", "train.compile=on",
-                       "train.global_batch_size=8", "train.micro_batch_size=4", f"train.cuda_graphs={graphs}",
-                       f"precision={precision}"])
+                       "train.eval_every=1", "train.eval_batches=2", "train.steps=4", "train.compile=on",
+                       "train.global_batch_size=8", "train.micro_batch_size=4", "train.schedule.batch_ramp_start=4",
+                       "train.schedule.batch_ramp_end=0.4", f"train.cuda_graphs={graphs}", f"precision={precision}"])
         history = Trainer(OmegaConf.to_object(cfg)).run()
+        assert [r["batch_size"] for r in history] == [4, 4, 8, 8]
         runs[graphs] = [r["loss"] for r in history] + [r["val_loss"] for r in history if "val_loss" in r]
         if graphs:
             assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
             manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
             assert manager is not None and len(list(manager.get_roots())) > 0
-    assert len(runs[True]) >= 6, runs
+    assert len(runs[True]) == 8, runs
     assert runs[True] == pytest.approx(runs[False], rel=1e-5)
 
 

@@ -294,12 +294,12 @@ def test_cuda_graphs_setting_is_refused_where_blocks_cannot_be_graphed(tmp_path)
     assert not (tmp_path / "cpu").exists() and not (tmp_path / "eager").exists()
 
 
-def test_cuda_graph_steps_add_gradients_into_buffers_that_persist(tmp_path):
+def test_cuda_graph_steps_of_several_micro_batches_add_gradients_into_buffers_of_their_own(tmp_path):
     """The passes of train.cuda_graphs (run here on eager CPU blocks: the bookkeeping, not the
-    graphs): every .grad exists before the first micro-batch's backward and stays the same tensor
-    from step to step (a graph's own output memory is overwritten by its next replay, so
-    gradients must be added into buffers outside it), refilled where a parameter lost its .grad
-    (as ZeRO frees them); and the gradients of two micro-batches equal the plain passes' exactly."""
+    graphs). A graph's gradient outputs live in memory its next replay overwrites: with two
+    micro-batches every .grad exists before the first backward reaches it, for backward to add
+    into, and the gradients equal the plain passes' exactly; with one, backward keeps its own
+    tensor as .grad, as without graphs (no extra pass over the gradients)."""
     from dsv3.parallel.runtime import Runtime
     from dsv3.train.engine import Unpipelined
 
@@ -307,26 +307,23 @@ def test_cuda_graph_steps_add_gradients_into_buffers_that_persist(tmp_path):
     batches = [torch.randint(t.cfg.model.vocab_size, (2, 33), generator=torch.Generator().manual_seed(i))
                for i in range(2)]
     params = [p for p in t.model.parameters() if p.requires_grad]
-    plain = Unpipelined(t.model, Runtime(), t.device)
-    plain.train_step(batches, 0.3)
-    want = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
-    graphs = Unpipelined(t.model, Runtime(), t.device, cuda_graphs=True)
-    seen = []
-    first = params[0].register_hook(lambda grad: seen.append(params[0].grad is not None))
-    graphs.train_step(batches, 0.3)
-    first.remove()
-    assert seen == [True, True]  # allocated before either micro-batch's backward reached it
-    for p, w in zip(params, want):
-        assert torch.equal(p.grad, w)
-    buffers = [p.grad for p in params]
-    t.optimizer.zero_grad(set_to_none=False)
-    params[1].grad = None
-    graphs.train_step(batches, 0.3)
-    assert all(p.grad is b for p, b in zip(params[2:], buffers[2:])) and params[0].grad is buffers[0]
-    for p, w in zip(params, want):
-        assert torch.equal(p.grad, w)
+
+    def step(passes, batches) -> tuple[list[bool], list[torch.Tensor]]:
+        """Whether the first parameter had a .grad each time backward reached it, and the gradients."""
+        for p in params:
+            p.grad = None
+        seen = []
+        hook = params[0].register_hook(lambda grad: seen.append(params[0].grad is not None))
+        passes.train_step(batches, 0.3)
+        hook.remove()
+        return seen, [p.grad.clone() for p in params]
+
+    plain, graphs = Unpipelined(t.model, Runtime(), t.device), Unpipelined(t.model, Runtime(), t.device, cuda_graphs=True)
+    seen_plain, want = step(plain, batches)
+    seen_graphs, got = step(graphs, batches)
+    assert seen_plain == [False, True] and seen_graphs == [True, True]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert step(graphs, batches[:1])[0] == [False]
 
 
 def test_batch_ramp_runs_the_scheduled_micro_batches(tmp_path):

@@ -135,7 +135,6 @@ class Parts:
     optimizer: torch.optim.Optimizer
     gradients: LocalGradients | AllReducedGradients | ShardedGradients
     compiled: bool
-    cuda_graphs: bool
 
 
 def build_parts(cfg: Config, runtime: Runtime, device: torch.device) -> Parts:
@@ -154,4 +153,4 @@ def build_parts(cfg: Config, runtime: Runtime, device: torch.device) -> Parts:
         passes = Pipelined(model, runtime, device, cut, cfg.parallel.overlap, cfg.model)
         copies = passes.replicas.copies
     optimizer, gradients = build_optimizer_and_gradients(cfg, model, runtime, device, copies)
-    return Parts(model, passes, optimizer, gradients, compiled, cuda_graphs)
+    return Parts(model, passes, optimizer, gradients, compiled)

@@ -27,9 +27,12 @@ class Unpipelined:
 
     cuda_graphs: the blocks replay CUDA graphs (train.cuda_graphs). A graph writes its outputs,
     the backward's parameter gradients among them, into memory of its own that its next replay
-    overwrites, so backward must add them into .grad tensors allocated outside the graphs (an
-    empty .grad would take the graph's tensor as it is, and the next micro-batch would overwrite
-    it); and each micro-batch tells torch that the previous one's outputs are consumed."""
+    overwrites. An empty .grad takes the graph's tensor as it is: right for a step of one
+    micro-batch (the optimizer consumes it before the next replay, and the step ends by dropping
+    it), wrong for several, where the next micro-batch's replay would overwrite it; so a step of
+    several allocates every .grad outside the graphs first, for backward to add into (a pass over
+    the gradients that one micro-batch does not pay). Each micro-batch tells torch that the
+    previous one's outputs are consumed."""
 
     def __init__(self, model: Transformer, runtime: Runtime, device: torch.device, cuda_graphs: bool = False):
         self.model, self.runtime, self.device, self.cuda_graphs = model, runtime, device, cuda_graphs
@@ -37,7 +40,7 @@ class Unpipelined:
     def train_step(self, batches: list[torch.Tensor], mtp_weight: float) -> torch.Tensor:
         """Gradients of the mean loss over the micro-batches in .grad; returns the (main, mtp,
         balance) losses, means over them."""
-        if self.cuda_graphs:
+        if self.cuda_graphs and len(batches) > 1:
             allocate_gradients(self.model)
         losses = torch.zeros(3, device=self.device)
         for batch in batches:
@@ -71,8 +74,7 @@ class Unpipelined:
 
 @torch.no_grad()
 def allocate_gradients(model: torch.nn.Module) -> None:
-    """A zeroed .grad for every trained parameter that has none (after ZeRO freed them, or at the
-    first step), for backward to add into."""
+    """A zeroed .grad for every trained parameter that has none, for backward to add into."""
     for p in model.parameters():
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)

@@ -104,7 +104,6 @@ class Trainer:
 
     def _use(self, parts: Parts) -> None:
         self.model, self.passes, self.compiled = parts.model, parts.passes, parts.compiled
-        self.cuda_graphs = parts.cuda_graphs
         self.optimizer, self.gradients = parts.optimizer, parts.gradients
         self.routers = self.model.routers()
 
@@ -227,8 +226,7 @@ class Trainer:
         # Host work while the device runs the backward pass: the next step's batches.
         self._read_ahead(self.schedule.batch_size(tokens_after))
         grad_norm = clipped_step(self.optimizer, self.gradients, tc.grad_clip)
-        # Under CUDA graphs the .grad tensors stay, zeroed, for the next backward to add into.
-        self.optimizer.zero_grad(set_to_none=not self.cuda_graphs)
+        self.optimizer.zero_grad(set_to_none=True)  # under CUDA graphs too (see Unpipelined)
         losses = self.runtime.mean_over_data_ranks(losses)
         bias_update_speed = self.schedule.bias_update_speed(tokens_after)
         violation = self.passes.every_layer(update_expert_bias(self.routers, bias_update_speed,
