@@ -224,6 +224,25 @@ def test_compare_loss_reports_relative_ema_loss_and_throughput(tmp_path):
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_fp8_loss_runs_smoke_compares_three_runs_and_leaves_finished_ones_as_they_are(tmp_path):
+    """Three tiny runs at once (FP8 seed 0, BF16 seeds 0 and 1), compared over their four steps with
+    the validation losses of each evaluation; the same command again finds them finished and
+    rewrites none of their metrics."""
+    out = tmp_path / "runs"
+    (first,) = json_lines(run("fp8_loss_runs.py", "--smoke", "--out", str(out), "--plot", str(tmp_path / "loss.png")))
+    assert first["exit_codes"] == {"fp8_seed0": 0, "bf16_seed0": 0, "bf16_seed1": 0}
+    assert (first["steps"], first["last_step"]) == (4, 4)
+    assert set(first["fp8_seed0 vs bf16_seed0"]["relative_ema_loss_at"]) == {"4"}
+    for name in ("fp8_seed0", "bf16_seed0", "bf16_seed1"):
+        assert set(first["validation_loss"][name]) == {"2", "4"}, first
+    assert first["validation_loss"]["fp8_seed0"] != first["validation_loss"]["bf16_seed0"]  # FP8 did round
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = {name: (out / name / "metrics.jsonl").read_bytes() for name in first["exit_codes"]}
+    (again,) = json_lines(run("fp8_loss_runs.py", "--smoke", "--out", str(out)))
+    assert again == first
+    assert {name: (out / name / "metrics.jsonl").read_bytes() for name in metrics} == metrics
+
+
 def test_fp8_compile_check_smoke():
     lines = {line["mode"]: line for line in json_lines(run("fp8_compile_check.py", "--smoke"))}
     assert set(lines) == {"bf16 eager", "fp8 eager"}
