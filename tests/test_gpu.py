@@ -259,6 +259,7 @@ def test_compiled_blocks_train_like_eager_blocks(tmp_path, precision):
 
     runs = {}
     for setting in ("off", "on"):
+        torch._dynamo.reset()  # compiled afresh: code another test compiled would push past Dynamo's recompile limit
         cfg = compose([f"train.run_dir={tmp_path / setting}", "data=synthetic", "train.wandb.mode=disabled",
                        "train.eval_every=0", "train.steps=3", f"train.compile={setting}",
                        f"precision={precision}"])
