@@ -91,8 +91,9 @@ def test_a_run_dir_holding_a_run_is_refused_with_nothing_touched(tmp_path):
         assert len(error_lines(result)) == 1 and words in error_lines(result)[0] and str(tmp_path) in result.stderr
         assert "Traceback" not in result.stderr
         assert snapshot(tmp_path) == before, overrides
-    # What may change on resume: the run length, the cadence of logs and checkpoints.
-    result = train_command(tmp_path, "train.steps=6", "train.log_every=1", "train.keep_checkpoints=5")
+    # What may change on resume: the run length, the cadence of logs and checkpoints, how blocks run.
+    result = train_command(tmp_path, "train.steps=6", "train.log_every=1", "train.keep_checkpoints=5",
+                           "train.compile=off")
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3,
                                                                                                           4, 5, 6]

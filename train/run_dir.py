@@ -17,12 +17,13 @@ from .storage import write_atomically
 
 CONFIG = "config.yaml"
 
-# Settings that may change when a run resumes: its length, its layout and where it runs, and how
+# Settings that may change when a run resumes: its length, its layout, where and how it runs, and how
 # often it logs, evaluates and saves. Everything else (the model, the data, the optimizer, the
 # schedule's shape, precision, the seed) defines the run.
 MAY_CHANGE = ("train.steps", "train.tokens", "train.run_dir", "train.resume", "train.device",
               "train.micro_batch_size", "train.log_every", "train.eval_every", "train.eval_batches",
               "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint", "train.peak_tflops",
+              "train.compile", "train.cuda_graphs",
               "train.wandb.", "parallel.", "cluster.", "data.num_proc", "data.cache_dir", "data.store")
 
 # What a run writes into its directory; `train.resume=fresh` moves these aside together.
