@@ -56,6 +56,24 @@ def draw(path: str, steps: list[int], runs: dict[str, dict[int, dict]], gaps: di
     figure.savefig(path, dpi=120)
 
 
+def compare(runs: dict[str, dict[int, dict]], plot: str | None = None) -> dict:
+    """runs: name -> records by step (load), the test run first, the baseline second and, optionally,
+    the baseline's other seed third. The gap of the test run (and of the spread run) to the baseline
+    over the steps all runs have, each run's median tokens/s, and the plot if asked for."""
+    (test, baseline), spread = list(runs)[:2], list(runs)[2:]
+    steps = sorted(set.intersection(*(set(run) for run in runs.values())))
+    if not steps:
+        raise SystemExit(f"No step is in every run's metrics ({', '.join(runs)}): nothing to compare.")
+    relative, summary = gap(runs[test], runs[baseline], steps)
+    gaps, result = {f"{test} - {baseline}": relative}, {"steps": len(steps), "last_step": steps[-1], **summary}
+    if spread:
+        gaps[f"{spread[0]} - {baseline}"], result["spread"] = gap(runs[spread[0]], runs[baseline], steps)
+    result["tokens_per_s"] = [round(statistics.median(r["tokens_per_s"] for r in run.values())) for run in runs.values()]
+    if plot:
+        draw(plot, steps, runs, gaps)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("test")
@@ -68,15 +86,7 @@ def main() -> None:
     runs = {test: load(args.test), base: load(args.baseline)}
     if args.spread:
         runs[spread] = load(args.spread)
-    steps = sorted(set.intersection(*(set(run) for run in runs.values())))
-    relative, summary = gap(runs[test], runs[base], steps)
-    gaps, result = {f"{test} - {base}": relative}, {"steps": len(steps), "last_step": steps[-1], **summary}
-    if args.spread:
-        gaps[f"{spread} - {base}"], result["spread"] = gap(runs[spread], runs[base], steps)
-    result["tokens_per_s"] = [round(statistics.median(r["tokens_per_s"] for r in run.values())) for run in runs.values()]
-    if args.plot:
-        draw(args.plot, steps, runs, gaps)
-    print(json.dumps(result))
+    print(json.dumps(compare(runs, args.plot)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """FP8 against BF16 over a long run, in one command: an FP8 run and two BF16 seeds trained at once
-on one GPU, each `python -m dsv3.train` in its own run directory under --out (its console in --out/NAME.log), then compared as
-compare_loss.py compares two runs: FP8's relative gap in EMA main loss (coefficient 0.9) to BF16
-of the same seed, the other BF16 seed's gap as the seed spread, and the validation losses.
+on one GPU, each `python -m dsv3.train` in its own run directory under --out (its console in
+--out/NAME.log), then compared by compare_loss.compare: FP8's relative gap in EMA main loss
+(coefficient 0.9) to BF16 of the same seed at the top level of the JSON, the other BF16 seed's gap
+under "spread", and each run's validation losses.
 
     python3 benchmarks/fp8_loss_runs.py --out DIR [--steps 1000] [--common "train.cuda_graphs=true"]
         [--fp8 "fp8.power_of_two_scales=true"] [--limit-s SECONDS] [--plot loss.png]
@@ -27,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from compare_loss import draw, gap, load  # benchmarks/ is on sys.path when run as a script
+from compare_loss import compare, load  # benchmarks/ is on sys.path when run as a script
 
 RECIPE = ["model=small", "schedule=v3", "train.tokens=0", "train.global_batch_size=4", "train.micro_batch_size=2",
           "train.schedule.batch_ramp_start=0", "train.eval_every=250", "train.eval_batches=8",
@@ -69,20 +70,10 @@ def validation(path: Path) -> dict[int, float]:
         return {r["step"]: r["val_loss"] for r in map(json.loads, f) if r.get("val_loss") is not None}
 
 
-def compare(out: Path, plot: str | None) -> dict:
+def compare_runs(out: Path, plot: str | None) -> dict:
+    """compare_loss.compare of the three runs, with each run's validation losses."""
     runs = {name: load(str(out / name / "metrics.jsonl")) for name in RUNS}
-    steps = sorted(set.intersection(*(set(run) for run in runs.values())))
-    if not steps:
-        raise SystemExit(f"No step is in all three runs' metrics under {out}: nothing to compare.")
-    fp8, base, spread = RUNS
-    relative, summary = gap(runs[fp8], runs[base], steps)
-    spread_relative, spread_summary = gap(runs[spread], runs[base], steps)
-    result = {"steps": len(steps), "last_step": steps[-1], f"{fp8} vs {base}": summary,
-              f"{spread} vs {base} (seed spread)": spread_summary,
-              "validation_loss": {name: validation(out / name / "metrics.jsonl") for name in RUNS}}
-    if plot:
-        draw(plot, steps, runs, {f"{fp8} - {base}": relative, f"{spread} - {base}": spread_relative})
-    return result
+    return {**compare(runs, plot), "validation_loss": {name: validation(out / name / "metrics.jsonl") for name in RUNS}}
 
 
 def main() -> None:
@@ -108,7 +99,7 @@ def main() -> None:
         if code:
             tail = (out / f"{name}.log").read_text().strip().splitlines()[-1:]
             print(f"# {name} exited with {code}: {tail[0] if tail else 'no output'}", file=sys.stderr)
-    result = {"exit_codes": codes, **compare(out, args.plot)}
+    result = {"exit_codes": codes, **compare_runs(out, args.plot)}
     (out / "summary.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 
